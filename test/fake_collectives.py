@@ -1,0 +1,112 @@
+"""Fake collective entry points for testing the schedule in one process.
+
+Each fake calls the thread's collective hook exactly as the patched entry
+points in ``distributed_c10d.py`` do, so ``parallel_map`` hands it to the
+coordinating thread; when it really runs it appends to an ``IssueLog``
+instead of talking to other ranks.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch.distributed.distributed_c10d import _collective_hook
+
+
+@dataclass
+class FakeWork:
+    """What an async fake returns; records that someone waited on it."""
+
+    entry: tuple[Any, ...]
+    waited: threading.Event = field(default_factory=threading.Event)
+
+    def wait(self) -> bool:
+        self.waited.set()
+        return True
+
+
+@dataclass
+class IssueLog:
+    """Everything the fakes issued, in order, with the issuing thread."""
+
+    entries: list[tuple[Any, ...]] = field(default_factory=list)
+    threads: list[threading.Thread] = field(default_factory=list)
+    works: list[FakeWork] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, entry: tuple[Any, ...]) -> None:
+        with self.lock:
+            self.entries.append(entry)
+            self.threads.append(threading.current_thread())
+
+
+def fake_collective(log: IssueLog, tag: Any, async_op: bool = False) -> FakeWork | None:
+    """Like a c10d collective: returns a Work when ``async_op``, else None."""
+    if (hook := _collective_hook.fn) is not None:
+        return hook(fake_collective, log=log, tag=tag, async_op=async_op)
+    log.add(("collective", tag))
+    if async_op:
+        work = FakeWork(("collective", tag))
+        log.works.append(work)
+        return work
+    return None
+
+
+def fake_object_collective(log: IssueLog, tag: Any) -> Any:
+    """Like an object collective: no async form, returns a value."""
+    if (hook := _collective_hook.fn) is not None:
+        return hook(fake_object_collective, log=log, tag=tag)
+    log.add(("object", tag))
+    return ("done", tag)
+
+
+def fake_failing_collective(log: IssueLog, tag: Any) -> None:
+    """A collective whose issue raises (bad arguments, say)."""
+    if (hook := _collective_hook.fn) is not None:
+        return hook(fake_failing_collective, log=log, tag=tag)
+    log.add(("failing", tag))
+    raise ValueError(f"bad collective {tag}")
+
+
+@dataclass
+class ReferenceRun:
+    order: list[tuple[int, int]]  # (item, call number) in issue order
+    slotted: set[int]  # items that got a slot, i.e. ran
+
+
+def reference_schedule(
+    calls_per_item: list[int], max_workers: int, failing: frozenset[int] = frozenset()
+) -> ReferenceRun:
+    """The issue order the schedule promises, computed without threads.
+
+    Slot ``s`` starts with item ``s``; slots are visited cyclically; each visit
+    consumes one event of the slot's item: its next call, or its end, after
+    which the slot takes the next item unless an item in ``failing`` has ended.
+    """
+    n = len(calls_per_item)
+    slots = list(range(min(max_workers, n)))
+    next_item = len(slots)
+    done = [0] * n
+    order: list[tuple[int, int]] = []
+    slotted = set(slots)
+    failed = False
+    position = 0
+    while slots:
+        item = slots[position]
+        if done[item] < calls_per_item[item]:
+            order.append((item, done[item]))
+            done[item] += 1
+        else:
+            failed = failed or item in failing
+            if failed or next_item == n:
+                del slots[position]
+                if slots:
+                    position %= len(slots)
+                continue
+            slots[position] = next_item
+            slotted.add(next_item)
+            next_item += 1
+        position = (position + 1) % len(slots)
+    return ReferenceRun(order, slotted)

@@ -1,0 +1,348 @@
+# Owner(s): ["oncall: distributed"]
+"""Single-process tests of parallel_map's schedule, with fake collectives.
+
+Fast: no process group. The fakes call the collective hook like the real
+entry points, and log what the coordinating thread issues, so the issue order
+can be compared with ``reference_schedule`` under random delays.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import random
+import signal
+import sys
+import sysconfig
+import threading
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch.distributed.distributed_c10d import _collective_hook
+from torch.distributed.threading import coordinated, parallel_map
+
+from fake_collectives import (
+    IssueLog,
+    fake_collective,
+    fake_failing_collective,
+    fake_object_collective,
+    reference_schedule,
+)
+
+
+def worker_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("parallel_map-worker")]
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers():
+    yield
+    assert worker_threads() == [], "a worker thread outlived parallel_map"
+    assert _collective_hook.fn is None
+
+
+def test_gil_state_matches_build():
+    if sysconfig.get_config_var("Py_GIL_DISABLED"):
+        assert not sys._is_gil_enabled(), "free-threaded build running with the GIL on"
+
+
+def make_item(log: IssueLog, calls: list[int], delays: list[float], failing: frozenset[int]):
+    def item(i: int) -> int:
+        rng = random.Random(delays[i])
+        for k in range(calls[i]):
+            time.sleep(rng.random() * delays[i])
+            kind = (i + k) % 3
+            if kind == 0:
+                fake_collective(log, (i, k))  # sync: issued async, waited in the worker
+            elif kind == 1:
+                work = fake_collective(log, (i, k), async_op=True)
+                assert work is not None
+                work.wait()
+            else:
+                assert fake_object_collective(log, (i, k)) == ("done", (i, k))
+        if i in failing:
+            raise RuntimeError(f"item {i} failed")
+        return i * 10
+
+    return item
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    calls=st.lists(st.integers(0, 4), max_size=10),
+    max_workers=st.integers(1, 6),
+    delays=st.data(),
+)
+def test_issue_order_is_the_reference_schedule(calls, max_workers, delays):
+    delay = delays.draw(st.lists(st.sampled_from([0.0, 0.0005, 0.002]),
+                                 min_size=len(calls), max_size=len(calls)))
+    log = IssueLog()
+    results = parallel_map(make_item(log, calls, delay, frozenset()), range(len(calls)),
+                           max_workers=max_workers)
+    assert results == [i * 10 for i in range(len(calls))]
+    expected = reference_schedule(calls, max_workers).order
+    assert [entry[1] for entry in log.entries] == expected
+    assert all(t is threading.main_thread() for t in log.threads)
+    assert all(work.waited.is_set() for work in log.works)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    calls=st.lists(st.integers(0, 3), min_size=1, max_size=8),
+    max_workers=st.integers(2, 5),
+    data=st.data(),
+)
+def test_failures_stop_new_items_and_raise_lowest_index(calls, max_workers, data):
+    failing = frozenset(data.draw(st.sets(st.integers(0, len(calls) - 1), min_size=1)))
+    delay = data.draw(st.lists(st.sampled_from([0.0, 0.001]),
+                               min_size=len(calls), max_size=len(calls)))
+    log = IssueLog()
+    with pytest.raises(RuntimeError) as caught:
+        parallel_map(make_item(log, calls, delay, failing), range(len(calls)),
+                     max_workers=max_workers)
+    reference = reference_schedule(calls, max_workers, failing)
+    assert [entry[1] for entry in log.entries] == reference.order
+    failed_in_slots = sorted(failing & reference.slotted)
+    assert str(caught.value) == f"item {failed_in_slots[0]} failed"
+    notes = getattr(caught.value, "__notes__", [])
+    assert notes == [f"parallel_map: item {i} also failed: RuntimeError: item {i} failed"
+                     for i in failed_in_slots[1:]]
+
+
+def test_slots_do_not_wait_for_each_other():
+    # Item 0 runs until item 3 has run: with waves, or with a slot that waits
+    # for the coordinator's visit to take its next item, this would time out.
+    item3_ran = threading.Event()
+
+    def item(i: int) -> int:
+        if i == 0:
+            assert item3_ran.wait(timeout=10), "item 3 never ran while item 0 was running"
+        if i == 3:
+            item3_ran.set()
+        return i
+
+    assert parallel_map(item, range(4), max_workers=2) == [0, 1, 2, 3]
+
+
+def test_sync_collective_is_issued_async_and_waited_by_the_worker():
+    log = IssueLog()
+    waited_in = []
+
+    def item(i: int) -> None:
+        fake_collective(log, i)
+        waited_in.append(threading.current_thread().name)
+
+    parallel_map(item, range(3), max_workers=3)
+    assert len(log.works) == 3  # issued with async_op=True
+    assert all(work.waited.is_set() for work in log.works)
+    assert all(name.startswith("parallel_map-worker") for name in waited_in)
+
+
+def test_failing_collective_raises_in_the_worker():
+    log = IssueLog()
+    seen = []
+
+    def item(i: int) -> int:
+        try:
+            fake_failing_collective(log, i)
+        except ValueError as e:
+            seen.append((i, str(e)))
+        return i
+
+    assert parallel_map(item, range(4), max_workers=2) == [0, 1, 2, 3]
+    assert sorted(seen) == [(i, f"bad collective {i}") for i in range(4)]
+
+
+def test_results_in_order_for_any_iterable():
+    def gen():
+        yield from range(7)
+
+    assert parallel_map(lambda x: x * x, gen(), max_workers=3) == [x * x for x in range(7)]
+    assert parallel_map(str, [], max_workers=3) == []
+    assert parallel_map(str, [5], max_workers=3) == ["5"]
+    assert parallel_map(str, iter([1, 2]), max_workers=3) == ["1", "2"]
+
+
+def test_iterable_error_is_raised_in_order():
+    def gen():
+        yield 1
+        yield 2
+        raise KeyError("iterable broke")
+
+    with pytest.raises(KeyError, match="iterable broke"):
+        parallel_map(lambda x: x, gen(), max_workers=2)
+
+
+def test_inline_runs_on_caller():
+    log = IssueLog()
+    caller = threading.current_thread()
+    ran_on = []
+
+    def item(i: int) -> int:
+        ran_on.append(threading.current_thread())
+        fake_collective(log, i)
+        return i
+
+    assert parallel_map(item, range(3), max_workers=1) == [0, 1, 2]
+    assert parallel_map(item, [7], max_workers=4) == [7]
+    assert ran_on == [caller] * 4
+    assert log.works == []  # not intercepted: called directly, synchronously
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="callable"):
+        parallel_map(42, [1, 2])
+    with pytest.raises(TypeError):
+        parallel_map(str, 42)
+    with pytest.raises(ValueError, match="at least 1"):
+        parallel_map(str, [1, 2], max_workers=0)
+    with pytest.raises(TypeError, match="max_workers must be an int"):
+        parallel_map(str, [1, 2], max_workers=2.5)
+    with pytest.raises(ValueError, match="intra_op_threads"):
+        parallel_map(str, [1, 2], intra_op_threads=0)
+    with pytest.raises(TypeError, match="callable"):
+        coordinated(None)
+
+
+def test_default_max_workers_runs():
+    assert parallel_map(lambda x: x + 1, range(10)) == list(range(1, 11))
+
+
+def test_nested_parallel_map_goes_through_the_outer_schedule():
+    log = IssueLog()
+
+    def inner(j: int) -> int:
+        fake_collective(log, ("inner", j))
+        return j
+
+    def outer(i: int) -> list[int]:
+        fake_collective(log, ("outer", i))
+        return parallel_map(inner, range(3), max_workers=2)
+
+    assert parallel_map(outer, range(3), max_workers=2) == [[0, 1, 2]] * 3
+    assert len(log.entries) == 3 + 9
+    assert all(t is threading.main_thread() for t in log.threads)
+
+
+def test_concurrent_top_level_calls_are_refused():
+    inside = threading.Event()
+    release = threading.Event()
+    errors = []
+
+    def slow(i: int) -> int:
+        inside.set()
+        release.wait(timeout=10)
+        return i
+
+    def other_thread():
+        inside.wait(timeout=10)
+        try:
+            parallel_map(str, range(4), max_workers=2)
+        except RuntimeError as e:
+            errors.append(str(e))
+        finally:
+            release.set()
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    assert parallel_map(slow, range(2), max_workers=2) == [0, 1]
+    t.join()
+    assert len(errors) == 1 and "already running on another thread" in errors[0]
+
+
+def test_coordinated_runs_on_coordinator_in_schedule_order():
+    log = IssueLog()
+    calls = []
+
+    @coordinated
+    def record(i: int) -> int:
+        """Doc."""
+        calls.append((i, threading.current_thread()))
+        return -i
+
+    def item(i: int) -> int:
+        fake_collective(log, i)
+        return record(i)
+
+    assert parallel_map(item, range(4), max_workers=2) == [0, -1, -2, -3]
+    assert [i for i, _ in calls] == [0, 1, 2, 3]
+    assert all(t is threading.main_thread() for _, t in calls)
+    assert record.__name__ == "record" and record.__doc__ == "Doc."
+    assert record.__wrapped__ is not None
+    assert record(5) == -5  # outside parallel_map: a plain call
+
+
+_var: contextvars.ContextVar[str] = contextvars.ContextVar("_var", default="unset")
+
+
+def test_caller_state_is_propagated():
+    def observe(_: int):
+        _var.set("changed by item")  # must not leak into other items or the caller
+        return (
+            torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(),
+            torch.is_autocast_enabled("cpu"),
+            torch.get_autocast_dtype("cpu"),
+            torch.get_num_threads(),
+        )
+
+    torch.set_num_threads(4)
+    token = _var.set("caller value")
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            seen = parallel_map(lambda i: (_var.get(), observe(i)), range(4), max_workers=2)
+        assert {s for s in seen} == {("caller value", (False, False, True, torch.bfloat16, 2))}
+        with torch.inference_mode():
+            seen = parallel_map(observe, range(2), max_workers=2, intra_op_threads=3)
+        assert set(seen) == {(False, True, False, torch.bfloat16, 3)}
+        seen = parallel_map(observe, range(2), max_workers=2)
+        assert {s[:3] for s in seen} == {(True, False, False)}
+        assert _var.get() == "caller value"
+        assert torch.get_num_threads() == 4
+    finally:
+        _var.reset(token)
+
+
+def test_no_thread_or_hook_left_after_failure():
+    def item(i: int) -> int:
+        if i == 1:
+            raise ValueError("boom")
+        return i
+
+    before = threading.active_count()
+    with pytest.raises(ValueError, match="boom"):
+        parallel_map(item, range(6), max_workers=3)
+    assert threading.active_count() == before
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs pthread_kill")
+def test_ctrl_c_on_coordinator_releases_waiting_workers():
+    log = IssueLog()
+    cancelled = []
+    main = threading.main_thread().ident
+
+    def item(i: int) -> int:
+        if i == 0:
+            time.sleep(0.2)  # keep the coordinator waiting on slot 0
+            signal.pthread_kill(main, signal.SIGINT)
+            time.sleep(0.2)
+            return i
+        try:
+            fake_collective(log, i)  # waits for slot 0's turn, which never comes
+        except RuntimeError as e:
+            cancelled.append(type(e).__name__)
+            raise
+        return i
+
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        parallel_map(item, range(3), max_workers=3)
+    assert time.monotonic() - start < 5
+    assert cancelled == ["CancelledError", "CancelledError"]
+    assert log.entries == []
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -1,0 +1,195 @@
+# Owner(s): ["oncall: distributed"]
+"""The per-thread collective hook in distributed_c10d.py and _functional_collectives.py."""
+
+import inspect
+import threading
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.distributed.distributed_c10d as c10d
+from torch.distributed.distributed_c10d import _collective_hook
+from torch.testing._internal.common_utils import run_tests, TestCase
+
+
+class _Recorder:
+    """A hook that records each call and returns a marker instead of running it."""
+
+    def __init__(self):
+        self.calls = []
+        self.marker = object()
+
+    def __call__(self, fn, /, **kwargs):
+        self.calls.append((fn, kwargs))
+        return self.marker
+
+
+def _t():
+    return torch.ones(2)
+
+
+# (entry point the hook receives, function called, args, kwargs)
+_C10D_CALLS = [
+    ("broadcast", c10d.broadcast, (_t(),), {"src": 0}),
+    ("all_reduce", c10d.all_reduce, (_t(),), {"async_op": True}),
+    ("all_reduce_coalesced", c10d.all_reduce_coalesced, ([_t()],), {}),
+    ("reduce", c10d.reduce, (_t(),), {"dst": 0}),
+    ("all_gather", c10d.all_gather, ([_t()], _t()), {}),
+    ("all_gather_single", c10d.all_gather_single, (_t(), _t()), {}),
+    ("all_gather_single", c10d.all_gather_into_tensor, (_t(), _t()), {}),
+    ("all_gather_coalesced", c10d.all_gather_coalesced, ([[_t()]], [_t()]), {}),
+    ("gather", c10d.gather, (_t(),), {"dst": 0}),
+    ("scatter", c10d.scatter, (_t(),), {"src": 0}),
+    ("reduce_scatter", c10d.reduce_scatter, (_t(), [_t()]), {}),
+    ("reduce_scatter_single", c10d.reduce_scatter_single, (_t(), _t()), {}),
+    ("reduce_scatter_single", c10d.reduce_scatter_tensor, (_t(), _t()), {}),
+    ("all_to_all", c10d.all_to_all, ([_t()], [_t()]), {}),
+    ("all_to_all_single", c10d.all_to_all_single, (_t(), _t()), {}),
+    ("barrier", c10d.barrier, (), {}),
+    ("monitored_barrier", c10d.monitored_barrier, (), {}),
+    ("send", c10d.send, (_t(), 1), {}),
+    ("recv", c10d.recv, (_t(),), {}),
+    ("isend", c10d.isend, (_t(), 1), {}),
+    ("irecv", c10d.irecv, (_t(),), {"src": 1}),
+    ("batch_isend_irecv", c10d.batch_isend_irecv, (["not validated"],), {}),
+    ("all_gather_object", c10d.all_gather_object, ([None], "x"), {}),
+    ("gather_object", c10d.gather_object, ("x",), {}),
+    ("broadcast_object_list", c10d.broadcast_object_list, (["x"],), {}),
+    ("scatter_object_list", c10d.scatter_object_list, ([None], ["x"]), {}),
+    ("send_object_list", c10d.send_object_list, (["x"], 1), {}),
+    ("recv_object_list", c10d.recv_object_list, ([None],), {}),
+    ("new_group", c10d.new_group, ([0],), {}),
+    ("new_subgroups", c10d.new_subgroups, (), {"group_size": 1}),
+    ("split_group", c10d.split_group, (), {"split_ranks": [[0]]}),
+]
+
+_FUNCOL_CALLS = [
+    ("broadcast", funcol.broadcast, (_t(), 0, [0]), {}),
+    ("all_reduce", funcol.all_reduce, (_t(), "sum", [0]), {}),
+    ("all_gather_single", funcol.all_gather_single, (_t(), 0, [0]), {}),
+    ("all_gather_single", funcol.all_gather_tensor, (_t(), 0, [0]), {}),
+    ("reduce_scatter_single", funcol.reduce_scatter_single, (_t(), "sum", 0, [0]), {}),
+    ("reduce_scatter_single", funcol.reduce_scatter_tensor, (_t(), "sum", 0, [0]), {}),
+    ("all_reduce_coalesced", funcol.all_reduce_coalesced, ([_t()], "sum", [0]), {}),
+    ("all_gather_single_coalesced", funcol.all_gather_single_coalesced, ([_t()], [0]), {}),
+    (
+        "reduce_scatter_single_coalesced",
+        funcol.reduce_scatter_single_coalesced,
+        ([_t()], "sum", [0], [0]),
+        {},
+    ),
+    ("all_to_all_single", funcol.all_to_all_single, (_t(), None, None, [0]), {}),
+]
+
+
+def _expected_kwargs(fn, args, kwargs):
+    bound = inspect.signature(inspect.unwrap(fn)).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+class CollectiveHookTest(TestCase):
+    def setUp(self):
+        super().setUp()
+        self.assertIsNone(_collective_hook.fn)
+        self.recorder = _Recorder()
+        _collective_hook.fn = self.recorder
+
+    def tearDown(self):
+        _collective_hook.fn = None
+        super().tearDown()
+
+    def _check(self, module, calls):
+        for name, fn, args, kwargs in calls:
+            with self.subTest(entry_point=name, called=fn.__name__):
+                self.recorder.calls.clear()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    out = fn(*args, **kwargs)
+                self.assertIs(out, self.recorder.marker)
+                self.assertEqual(len(self.recorder.calls), 1)
+                got_fn, got_kwargs = self.recorder.calls[0]
+                entry_point = getattr(module, name)
+                self.assertIs(got_fn, entry_point)
+                # Every parameter, by keyword, so the hook can re-issue the call.
+                if fn is entry_point:
+                    expected = _expected_kwargs(entry_point, args, kwargs)
+                    self.assertEqual(list(got_kwargs), list(expected))
+                    for key, value in expected.items():
+                        self.assertIs(got_kwargs[key], value, key)
+                else:  # a deprecated alias that forwards to the entry point
+                    self.assertEqual(
+                        list(got_kwargs),
+                        list(inspect.signature(inspect.unwrap(entry_point)).parameters),
+                    )
+
+    def test_every_c10d_entry_point_calls_the_hook(self):
+        self._check(c10d, _C10D_CALLS)
+
+    def test_every_functional_collective_calls_the_hook(self):
+        self._check(funcol, _FUNCOL_CALLS)
+
+    def test_entry_points_are_covered(self):
+        # Every public c10d function that communicates appears above.
+        covered = {fn.__name__ for _, fn, _, _ in _C10D_CALLS}
+        for name in dist.distributed_c10d.__all__:
+            fn = getattr(c10d, name)
+            if not inspect.isfunction(fn):
+                continue
+            source = inspect.getsource(inspect.unwrap(fn))
+            if "_collective_hook.fn" in source:
+                self.assertIn(name, covered)
+
+    def test_hook_is_per_thread(self):
+        seen = []
+
+        def other_thread():
+            seen.append(_collective_hook.fn)
+            try:
+                dist.all_reduce(torch.ones(1))  # no process group: must really run
+            except (RuntimeError, ValueError) as e:
+                seen.append(type(e))
+
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+        self.assertIsNone(seen[0])
+        self.assertEqual(len(seen), 2)
+        self.assertEqual(self.recorder.calls, [])
+
+
+class UnhookedPathsTest(TestCase):
+    """Without a hook, collectives and their compiled forms behave as before."""
+
+    def setUp(self):
+        super().setUp()
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+    def tearDown(self):
+        dist.destroy_process_group()
+        super().tearDown()
+
+    def test_eager_collectives_run(self):
+        t = torch.ones(3)
+        dist.all_reduce(t)
+        self.assertEqual(t, torch.ones(3))
+        out = funcol.all_reduce(torch.ones(3), "sum", dist.group.WORLD)
+        self.assertEqual(out, torch.ones(3))
+
+    def test_compiled_functional_collective_traces_fullgraph(self):
+        def f(x):
+            return funcol.all_reduce(x * 2, "sum", dist.group.WORLD) + 1
+
+        try:
+            compiled = torch.compile(f, fullgraph=True, backend="eager")
+            out = compiled(torch.ones(3))
+        except RuntimeError as e:
+            if "not supported" in str(e) and "Python" in str(e):
+                self.skipTest(f"torch.compile unavailable on this interpreter: {e}")
+            raise
+        self.assertEqual(out, torch.full((3,), 3.0))
+
+
+if __name__ == "__main__":
+    run_tests()

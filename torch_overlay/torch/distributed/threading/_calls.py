@@ -1,0 +1,119 @@
+"""How a collective handed over by a worker is issued, and finished.
+
+The coordinating thread only *issues*: a collective that the worker asked for
+synchronously is issued asynchronously and the worker waits on the returned
+``Work`` itself, so the coordinator is free to issue the next slot's
+collective while this one is in flight. Calls without an asynchronous form
+(object collectives, group creation, ``monitored_barrier``, functions wrapped
+with :func:`~torch.distributed.threading.coordinated`) run to completion on
+the coordinating thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TYPE_CHECKING
+
+import torch
+import torch.distributed.distributed_c10d as c10d
+
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
+__all__: list[str] = []
+
+
+class _IssuePlan:
+    """Run on the coordinator (``issue``), then on the worker (``finish``)."""
+
+    def issue(self, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        return fn(**kwargs)
+
+    def finish(self, issued: Any, kwargs: dict[str, Any]) -> Any:
+        return issued
+
+
+class _IssueAsyncThenWait(_IssuePlan):
+    """A synchronous call of an entry point that takes ``async_op``."""
+
+    def issue(self, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        return fn(**{**kwargs, "async_op": True})
+
+    def finish(self, issued: Any, kwargs: dict[str, Any]) -> None:
+        if issued is not None:  # None: this rank is not in the group
+            issued.wait()
+
+
+class _IssueSendAsIsend(_IssuePlan):
+    def issue(self, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        return c10d.isend(**kwargs)
+
+    def finish(self, issued: Any, kwargs: dict[str, Any]) -> None:
+        if issued is not None:
+            issued.wait()
+
+
+class _IssueRecvAsIrecv(_IssuePlan):
+    def issue(self, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        return c10d.irecv(**kwargs)
+
+    def finish(self, issued: Any, kwargs: dict[str, Any]) -> int:
+        # recv's contract: the sender's global rank, -1 when not in the group.
+        if issued is None:
+            return -1
+        issued.wait()
+        if kwargs["src"] is not None:
+            return kwargs["src"]
+        group_src = kwargs["group_src"]
+        if group_src is None:
+            group_src = issued._source_rank()
+        group = kwargs["group"] or c10d._get_default_group()
+        return c10d.get_global_rank(group, group_src)
+
+
+_RUN_AS_IS = _IssuePlan()
+_ASYNC_THEN_WAIT = _IssueAsyncThenWait()
+_SEND = _IssueSendAsIsend()
+_RECV = _IssueRecvAsIrecv()
+
+
+def plan_for(fn: Callable[..., Any], kwargs: dict[str, Any]) -> _IssuePlan:
+    if kwargs.get("async_op") is False:
+        return _ASYNC_THEN_WAIT
+    if fn is c10d.send:
+        return _SEND
+    if fn is c10d.recv:
+        return _RECV
+    return _RUN_AS_IS
+
+
+def op_name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__name__", repr(fn))
+
+
+@dataclass
+class Call:
+    """One call a worker hands to the coordinating thread."""
+
+    fn: Callable[..., Any]
+    kwargs: dict[str, Any]
+    plan: _IssuePlan
+    item: int
+    seq: int
+    cuda_stream: torch.cuda.Stream | None
+
+    def issue(self) -> Any:
+        """Issue on the coordinating thread, on the worker's CUDA stream."""
+        if self.cuda_stream is None:
+            return self.plan.issue(self.fn, self.kwargs)
+        with torch.cuda.stream(self.cuda_stream):
+            return self.plan.issue(self.fn, self.kwargs)
+
+
+def call_coordinated(
+    target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Entry point that :func:`coordinated` hands to the collective hook."""
+    return target(*args, **kwargs)

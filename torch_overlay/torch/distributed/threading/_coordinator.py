@@ -1,0 +1,297 @@
+"""The coordinating thread's schedule and the worker threads it serves.
+
+The schedule decides the order in which collectives are issued. It has ``W``
+slots; slot ``s`` starts with item ``s``. The coordinator visits the slots
+that still hold an item in a fixed cyclic order and, at each visit, waits for
+the next event of that slot's item:
+
+* a collective: issue it (see ``_calls``), move to the next slot;
+* the item's end: record its outcome, put the next item not yet in a slot
+  into this slot (unless an item has failed), move to the next slot.
+
+Each decision depends only on each item's own sequence of collectives and on
+``W``, never on timing, so every rank issues the same collectives in the same
+order. Because the coordinator only issues, a worker blocked on its collective
+never keeps the coordinator from issuing what other ranks need first.
+
+The threads do not wait for the schedule to hand them work: the ``W`` workers
+take items in index order as soon as they are free, so no thread idles while
+the coordinator waits on a slot. An item that runs ahead of the schedule
+simply waits at its first collective until its slot's turn. Items enter slots
+in index order too, so every item that has a slot has been taken by a thread
+before any item that has none: waiting on a slot never waits on a free thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, TYPE_CHECKING
+
+import torch
+from torch.distributed.distributed_c10d import _collective_hook
+
+from ._calls import Call, op_name, plan_for
+
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from ._caller_state import CallerState
+
+
+__all__: list[str] = []
+
+logger = logging.getLogger(__name__)
+
+
+class CancelledError(RuntimeError):
+    """Raised in a worker whose collective was not issued because the call stopped."""
+
+
+@dataclass
+class _Reply:
+    """Coordinator to worker: the outcome of issuing its call."""
+
+    value: Any = None
+    error: BaseException | None = None
+
+
+@dataclass
+class _Finished:
+    """Worker to coordinator: the item ran to its end."""
+
+    result: Any = None
+    error: BaseException | None = None
+
+
+_STOP = object()  # coordinator to worker, instead of a reply: the call is stopping
+
+
+class _ItemRun:
+    """The two channels between one item's worker and the coordinator.
+
+    ``events`` carries the item's calls and then its end to the coordinator,
+    ``replies`` carries the outcome of each call back, or ``_STOP``. The item
+    has at most one message in flight each way, so ``_STOP`` never overtakes
+    a reply the worker waits for.
+    """
+
+    def __init__(self, index: int, item: Any) -> None:
+        self.index = index
+        self.item = item
+        self.events: queue.SimpleQueue[Call | _Finished] = queue.SimpleQueue()
+        self.replies: queue.SimpleQueue[_Reply | object] = queue.SimpleQueue()
+        self.started = False  # taken by a worker
+        self.finished = False  # seen to end by the coordinator
+        self.calls = 0  # worker side: calls handed over so far
+        self.stopping = False  # worker side: _STOP received
+
+
+class _Feeder:
+    """Hands out the items, in index order, to workers and to the schedule.
+
+    The iterable is consumed lazily and once, under a lock, by whichever side
+    needs the next item first.
+    """
+
+    def __init__(self, items: Iterator[Any]) -> None:
+        self._items = items
+        self._lock = threading.Lock()
+        self._runs: list[_ItemRun] = []
+        self._next_for_worker = 0
+        self._exhausted = False
+        self._closed = False
+        self.error: tuple[int, Exception] | None = None  # the iterable raised
+
+    def _pull(self) -> bool:
+        if self._exhausted:
+            return False
+        try:
+            item = next(self._items)
+        except StopIteration:
+            self._exhausted = True
+            return False
+        except Exception as error:  # reported like an item's failure, in order
+            self._exhausted = True
+            self.error = (len(self._runs), error)
+            return False
+        self._runs.append(_ItemRun(len(self._runs), item))
+        return True
+
+    def run_for_slot(self, index: int) -> _ItemRun | None:
+        """The ``index``-th item's run; None when there are not that many items."""
+        with self._lock:
+            while len(self._runs) <= index:
+                if not self._pull():
+                    return None
+            return self._runs[index]
+
+    def run_for_worker(self) -> _ItemRun | None:
+        """The first item no worker has taken; None when there is none (or closed)."""
+        with self._lock:
+            if self._closed:
+                return None
+            if self._next_for_worker == len(self._runs) and not self._pull():
+                return None
+            run = self._runs[self._next_for_worker]
+            self._next_for_worker += 1
+            run.started = True
+            return run
+
+    def close(self) -> list[_ItemRun]:
+        """Start no more items; returns those taken by workers so far."""
+        with self._lock:
+            self._closed = True
+            return self._runs[: self._next_for_worker]
+
+
+class _WorkerThread:
+    """A thread that runs items from the feeder, handing collectives over."""
+
+    def __init__(self, number: int, fn: Callable[[Any], Any], state: CallerState,
+                 feeder: _Feeder) -> None:
+        self._fn = fn
+        self._state = state
+        self._feeder = feeder
+        self._run: _ItemRun | None = None
+        self.thread = threading.Thread(
+            target=self._main, name=f"parallel_map-worker-{number}", daemon=True
+        )
+
+    def _main(self) -> None:
+        self._state.enter_worker_thread()
+        _collective_hook.fn = self._hand_over
+        try:
+            while (run := self._feeder.run_for_worker()) is not None:
+                self._run = run
+                try:
+                    result = self._state.run(self._fn, run.item)
+                except BaseException as error:  # noqa: B036 - the coordinator owns it
+                    run.events.put(_Finished(error=error))
+                else:
+                    run.events.put(_Finished(result))
+                self._run = None
+        finally:
+            _collective_hook.fn = None
+
+    def _hand_over(self, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
+        """The collective hook: hand the call to the coordinator and wait for it."""
+        run = self._run
+        assert run is not None
+        if run.stopping:
+            raise CancelledError("parallel_map is stopping; this collective was not issued")
+        plan = plan_for(fn, kwargs)
+        stream = torch.cuda.current_stream() if torch.cuda.is_initialized() else None
+        run.events.put(Call(fn, kwargs, plan, run.index, run.calls, stream))
+        run.calls += 1
+        reply = run.replies.get()
+        if reply is _STOP:
+            run.stopping = True
+            raise CancelledError("parallel_map is stopping; this collective was not issued")
+        assert isinstance(reply, _Reply)
+        if reply.error is not None:
+            raise reply.error
+        return plan.finish(reply.value, kwargs)
+
+
+class Schedule:
+    """Runs ``fn`` over ``items`` on ``max_workers`` threads; see the module doc."""
+
+    def __init__(
+        self,
+        fn: Callable[[Any], Any],
+        items: Iterator[Any],
+        max_workers: int,
+        state: CallerState,
+    ) -> None:
+        self._feeder = _Feeder(items)
+        self._workers = [_WorkerThread(n, fn, state, self._feeder) for n in range(max_workers)]
+        self._max_workers = max_workers
+        self._results: dict[int, Any] = {}
+        self._errors: dict[int, BaseException] = {}
+        self._issued = 0
+
+    def run(self) -> list[Any]:
+        for worker in self._workers:
+            worker.thread.start()
+        try:
+            in_slots = self._loop()
+        finally:
+            # Normally every item taken by a worker has had a slot and ended.
+            # After a failure, or if the coordinator itself failed (Ctrl-C),
+            # items that ran ahead of the schedule, or were cut short, get
+            # _STOP: their next collective raises CancelledError instead of
+            # being issued.
+            for run in self._feeder.close():
+                if not run.finished:
+                    run.replies.put(_STOP)
+            for worker in self._workers:
+                worker.thread.join()
+        if self._errors:
+            raise self._first_error()
+        return [self._results[i] for i in range(in_slots)]
+
+    def _loop(self) -> int:
+        """Run the schedule; returns how many items had a slot."""
+        slots: list[_ItemRun] = []
+        while len(slots) < self._max_workers:
+            run = self._run_for_slot(len(slots))
+            if run is None:
+                break
+            slots.append(run)
+        in_slots = len(slots)
+        position = 0
+        while slots:
+            run = slots[position]
+            event = run.events.get()
+            if isinstance(event, Call):
+                self._issue(run, event)
+            else:
+                run.finished = True
+                if event.error is None:
+                    self._results[run.index] = event.result
+                else:
+                    self._errors[run.index] = event.error
+                following = None if self._errors else self._run_for_slot(in_slots)
+                if following is None:
+                    del slots[position]
+                    if slots:
+                        position %= len(slots)
+                    continue
+                slots[position] = following
+                in_slots += 1
+            position = (position + 1) % len(slots)
+        return in_slots
+
+    def _run_for_slot(self, index: int) -> _ItemRun | None:
+        run = self._feeder.run_for_slot(index)
+        if run is None and self._feeder.error is not None and self._feeder.error[0] == index:
+            # The iterable raised where this item would be: a failure at this index.
+            self._errors[index] = self._feeder.error[1]
+        return run
+
+    def _issue(self, run: _ItemRun, call: Call) -> None:
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "issue #%d: item %d call %d %s", self._issued, call.item, call.seq, op_name(call.fn)
+            )
+        self._issued += 1
+        try:
+            value = call.issue()
+        except Exception as error:  # raised where serial code would: in the worker
+            run.replies.put(_Reply(error=error))
+        else:
+            run.replies.put(_Reply(value))
+
+    def _first_error(self) -> BaseException:
+        first, *others = sorted(self._errors)
+        error = self._errors[first]
+        for index in others:
+            other = self._errors[index]
+            error.add_note(
+                f"parallel_map: item {index} also failed: {type(other).__name__}: {other}"
+            )
+        return error

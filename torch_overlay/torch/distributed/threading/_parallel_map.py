@@ -1,0 +1,188 @@
+"""``parallel_map`` and ``coordinated``: the public entry points."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import threading
+from typing import Any, TYPE_CHECKING, TypeVar
+
+import torch
+from torch.distributed.distributed_c10d import _collective_hook
+
+from ._caller_state import CallerState
+from ._calls import call_coordinated
+from ._coordinator import Schedule
+
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+
+__all__ = ["coordinated", "parallel_map"]
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+# Held by the thread coordinating a top-level parallel_map. Two top-level
+# schedules issuing into the same process groups would interleave in a
+# timing-dependent order, so a second one is refused instead.
+_top_level = threading.Lock()
+
+
+def _default_max_workers() -> int:
+    if hasattr(os, "process_cpu_count"):  # Python >= 3.13
+        cpus = os.process_cpu_count() or 1
+    else:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # Ranks that share a machine share its cores (torchrun sets LOCAL_WORLD_SIZE).
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(32, cpus // ranks_here))
+
+
+def parallel_map(
+    fn: Callable[[_T], _R],
+    iterable: Iterable[_T],
+    *,
+    max_workers: int | None = None,
+    intra_op_threads: int | None = None,
+) -> list[_R]:
+    """Apply ``fn`` to every item on worker threads, with collectives made safe.
+
+    Equivalent to ``[fn(x) for x in iterable]``, but items run concurrently on
+    up to ``max_workers`` threads, which pays off on free-threaded Python
+    (3.14t) and whenever ``fn`` spends time outside the GIL. ``fn`` may call
+    ``torch.distributed`` collectives, point-to-point operations, object
+    collectives, group creation and functional collectives (so DTensor): they
+    are handed to the calling thread, which issues them in an order that
+    depends only on each item's own sequence of calls and on ``max_workers``,
+    never on thread timing. Every rank therefore issues the same sequence, as
+    its process groups require, provided every rank calls ``parallel_map`` with
+    the same items and the same ``max_workers``.
+
+    The schedule: ``max_workers`` slots, slot ``s`` starting with item ``s``.
+    The calling thread visits the busy slots in turn and waits for each one's
+    next event: a collective, which it issues (asynchronously where the API
+    allows: the worker waits for the result itself) before moving on, or the
+    item's end, after which the slot takes the next item not yet started. So
+    items may issue any number of collectives, and no slot waits for the
+    others to finish.
+
+    Each item runs with the caller's grad mode, inference mode, autocast state,
+    current CUDA device and stream, in a copy of the caller's
+    :mod:`contextvars` context. Each worker thread uses
+    ``intra_op_threads`` threads for intra-op parallelism.
+
+    Args:
+        fn: Called once per item, on a worker thread.
+        iterable: The items; consumed once, lazily, on the calling thread.
+        max_workers: Number of worker threads. Must be the same on every
+            rank. Defaults to the CPUs available to this process divided by
+            ``LOCAL_WORLD_SIZE`` (set by torchrun), at most 32. With 1, or a
+            single item, ``fn`` runs on the calling thread.
+        intra_op_threads: Intra-op threads per worker (see
+            :func:`torch.set_num_threads`). Defaults to the caller's count
+            divided by ``max_workers``, at least 1, so that the workers
+            together use no more threads than the caller would.
+
+    Returns:
+        ``fn``'s results, in the order of ``iterable``.
+
+    Raises:
+        TypeError: ``fn`` is not callable or ``iterable`` is not iterable.
+        ValueError: ``max_workers`` or ``intra_op_threads`` is less than 1.
+        RuntimeError: another thread is running a ``parallel_map`` that is not
+            an enclosing one.
+        Exception: The exception of the lowest-index item that failed; the
+            failures of other items are attached as notes. Once an item
+            fails, no new item starts; items already running finish, so that
+            their collectives still match those of the other ranks.
+
+    Example::
+
+        >>> # xdoctest: +SKIP("needs an initialized process group")
+        >>> import torch.distributed as dist
+        >>> from torch.distributed.threading import parallel_map
+        >>> def step(x):
+        ...     loss = (x @ x).sum()
+        ...     dist.all_reduce(loss)
+        ...     return loss.item()
+        >>> losses = parallel_map(step, batches, max_workers=4)
+    """
+    if not callable(fn):
+        raise TypeError(f"parallel_map() expects a callable fn, got {type(fn).__name__}")
+    items = iter(iterable)  # TypeError for a non-iterable, as in a for loop
+    if max_workers is None:
+        max_workers = _default_max_workers()
+    elif isinstance(max_workers, bool) or not isinstance(max_workers, int):
+        raise TypeError(f"max_workers must be an int, got {type(max_workers).__name__}")
+    elif max_workers < 1:
+        raise ValueError(f"max_workers must be at least 1, got {max_workers}")
+    caller_threads = torch.get_num_threads()
+    if intra_op_threads is None:
+        intra_op_threads = max(1, caller_threads // max_workers)
+    elif isinstance(intra_op_threads, bool) or not isinstance(intra_op_threads, int):
+        raise TypeError(
+            f"intra_op_threads must be an int, got {type(intra_op_threads).__name__}"
+        )
+    elif intra_op_threads < 1:
+        raise ValueError(f"intra_op_threads must be at least 1, got {intra_op_threads}")
+
+    if max_workers > 1:
+        first_two = list(itertools.islice(items, 2))
+        items = itertools.chain(first_two, items)
+    if max_workers == 1 or len(first_two) < 2:
+        state = CallerState.capture(caller_threads)
+        return [state.run(fn, item) for item in items]
+
+    nested = _collective_hook.fn is not None  # we are a worker of an outer call
+    if not nested and not _top_level.acquire(blocking=False):
+        raise RuntimeError(
+            "parallel_map is already running on another thread of this process. Its "
+            "collectives and this call's would be issued in a timing-dependent order. "
+            "Call parallel_map from one thread at a time, or nest it inside fn."
+        )
+    try:
+        state = CallerState.capture(intra_op_threads)
+        return Schedule(fn, items, max_workers, state).run()
+    finally:
+        # Worker threads set the process-wide default that new threads start with.
+        torch.set_num_threads(caller_threads)
+        if not nested:
+            _top_level.release()
+
+
+def coordinated(fn: Callable[..., _R]) -> Callable[..., _R]:
+    """Make ``fn`` run on the coordinating thread when called from a worker.
+
+    Called from a :func:`parallel_map` worker, the returned function hands the
+    call to the thread coordinating that ``parallel_map``, which runs it at
+    this point of its schedule, as it would a collective: use it for calls
+    that are not thread-safe or whose order must be the same on every rank.
+    Called anywhere else, it simply calls ``fn``.
+
+    Args:
+        fn: The function to wrap.
+
+    Returns:
+        A wrapper with ``fn``'s name, docstring and ``__wrapped__``.
+
+    Example::
+
+        >>> # xdoctest: +SKIP("needs an initialized process group")
+        >>> @coordinated
+        ... def log_metrics(step, value):
+        ...     writer.add_scalar("loss", value, step)
+    """
+    if not callable(fn):
+        raise TypeError(f"coordinated() expects a callable, got {type(fn).__name__}")
+
+    @functools.wraps(fn)
+    def run_on_coordinator(*args: Any, **kwargs: Any) -> _R:
+        hook = _collective_hook.fn
+        if hook is None:
+            return fn(*args, **kwargs)
+        return hook(call_coordinated, target=fn, args=args, kwargs=kwargs)
+
+    return run_on_coordinator
