@@ -1,0 +1,489 @@
+# Owner(s): ["oncall: distributed"]
+"""torch.distributed.threading.parallel_map across real processes (gloo).
+
+Every test runs ``fn`` bodies that call collectives on worker threads and
+checks, on every rank, values that are only right if each rank paired the
+same item's collectives with the other ranks', and that every rank issued
+the same (item, call, op) sequence.
+"""
+
+import contextlib
+import logging
+import random
+import sys
+import sysconfig
+import threading
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch.distributed.distributed_c10d import _collective_hook
+from torch.distributed.threading import coordinated, parallel_map
+from torch.testing._internal.common_distributed import MultiProcessTestCase
+from torch.testing._internal.common_utils import run_tests
+
+
+class _IssueRecorder(logging.Handler):
+    """Collects (item, call, op) of every collective this thread issues.
+
+    Nested parallel_map calls log from their own coordinating threads, which
+    hand their collectives to this one: only this thread's record is what the
+    process group sees.
+    """
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.issued = []
+        self._thread = threading.get_ident()
+
+    def emit(self, record):
+        if record.thread == self._thread:
+            _, item, call, op = record.args
+            self.issued.append((item, call, op))
+
+
+@contextlib.contextmanager
+def _recording_schedule():
+    logger = logging.getLogger("torch.distributed.threading._coordinator")
+    recorder = _IssueRecorder()
+    old_level = logger.level
+    logger.addHandler(recorder)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield recorder.issued
+    finally:
+        logger.removeHandler(recorder)
+        logger.setLevel(old_level)
+
+
+def _full(value, n=2):
+    return torch.full((n,), float(value))
+
+
+class _ParallelMapTestBase(MultiProcessTestCase):
+    def setUp(self):
+        super().setUp()
+        self._spawn_processes()
+
+    def _init(self):
+        store = dist.FileStore(self.file_name, self.world_size)
+        dist.init_process_group("gloo", store=store, rank=self.rank, world_size=self.world_size)
+        torch.set_num_threads(1)
+        if sysconfig.get_config_var("Py_GIL_DISABLED"):
+            self.assertFalse(sys._is_gil_enabled(), "free-threaded build with the GIL on")
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated aliases under test
+
+    def _assert_same_on_every_rank(self, value):
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        for rank, other in enumerate(gathered):
+            self.assertEqual(other, value, f"rank {rank} differs from rank {self.rank}")
+
+    def _assert_clean(self):
+        self.assertIsNone(_collective_hook.fn)
+        leftover = [t.name for t in threading.enumerate() if t.name.startswith("parallel_map")]
+        self.assertEqual(leftover, [])
+
+
+class _TestsForEveryWorldSize:
+    """Mixed into the test classes of each world size."""
+
+    def test_tensor_collectives(self):
+        self._init()
+        ws, r = self.world_size, self.rank
+        rank_sum = ws * (ws - 1) // 2
+
+        def item(i):
+            v = i * 100 + r
+            root = i % ws
+            out = {}
+            t = _full(v)
+            dist.broadcast(t, src=root)
+            out["broadcast"] = t
+            t = _full(v)
+            dist.all_reduce(t)
+            out["all_reduce"] = t
+            t = _full(v)
+            dist.all_reduce(t, async_op=True).wait()
+            out["all_reduce_async"] = t
+            ts = [_full(v), _full(2 * v)]
+            dist.all_reduce_coalesced(ts)
+            out["all_reduce_coalesced"] = torch.cat(ts)
+            t = _full(v)
+            dist.reduce(t, dst=root)
+            if r == root:
+                out["reduce"] = t
+            ts = [_full(-1) for _ in range(ws)]
+            dist.all_gather(ts, _full(v))
+            out["all_gather"] = torch.cat(ts)
+            t = _full(-1, 2 * ws)
+            dist.all_gather_into_tensor(t, _full(v))
+            out["all_gather_into_tensor"] = t
+            lists = [[_full(-1)] for _ in range(ws)]
+            dist.all_gather_coalesced(lists, [_full(v)])
+            out["all_gather_coalesced"] = torch.cat([x[0] for x in lists])
+            gathered = [_full(-1) for _ in range(ws)] if r == root else None
+            dist.gather(_full(v), gathered, dst=root)
+            if r == root:
+                out["gather"] = torch.cat(gathered)
+            t = _full(-1)
+            pieces = [_full(i * 100 + q * 10) for q in range(ws)] if r == root else None
+            dist.scatter(t, pieces, src=root)
+            out["scatter"] = t
+            t = _full(-1)
+            dist.reduce_scatter(t, [_full(v + q) for q in range(ws)])
+            out["reduce_scatter"] = t
+            t = _full(-1)
+            dist.reduce_scatter_tensor(t, torch.cat([_full(v + q) for q in range(ws)]))
+            out["reduce_scatter_tensor"] = t
+            ts = [_full(-1) for _ in range(ws)]
+            dist.all_to_all(ts, [_full(1000 * i + 10 * r + q) for q in range(ws)])
+            out["all_to_all"] = torch.cat(ts)
+            t = _full(-1, 2 * ws)
+            dist.all_to_all_single(t, torch.cat([_full(1000 * i + 10 * r + q) for q in range(ws)]))
+            out["all_to_all_single"] = t
+            dist.barrier()
+            dist.barrier(async_op=True).wait()
+            dist.monitored_barrier()
+            return out
+
+        items = range(7)
+        with _recording_schedule() as issued:
+            results = parallel_map(item, items, max_workers=3)
+        for i, out in zip(items, results):
+            total = ws * i * 100 + rank_sum
+            per_rank = torch.cat([_full(i * 100 + q) for q in range(ws)])
+            exchange = torch.cat([_full(1000 * i + 10 * q + r) for q in range(ws)])
+            expected = {
+                "broadcast": _full(i * 100 + i % ws),
+                "all_reduce": _full(total),
+                "all_reduce_async": _full(total),
+                "all_reduce_coalesced": torch.cat([_full(total), _full(2 * total)]),
+                "all_gather": per_rank,
+                "all_gather_into_tensor": per_rank,
+                "all_gather_coalesced": per_rank,
+                "scatter": _full(i * 100 + r * 10),
+                "reduce_scatter": _full(total + ws * r),
+                "reduce_scatter_tensor": _full(total + ws * r),
+                "all_to_all": exchange,
+                "all_to_all_single": exchange,
+            }
+            if r == i % ws:
+                expected["reduce"] = _full(total)
+                expected["gather"] = per_rank
+            self.assertEqual(out, expected, f"item {i}")
+        self.assertEqual(len(issued), 17 * len(items))
+        self._assert_same_on_every_rank(issued)
+        self._assert_clean()
+
+    def test_data_dependent_counts_under_random_delays(self):
+        self._init()
+        ws, r = self.world_size, self.rank
+        # Different on every rank, so thread timing differs between ranks.
+        rng = random.Random(1234 + r)
+        delays = [[rng.random() * 0.003 for _ in range(5)] for _ in range(12)]
+
+        def item(i):
+            count = (i * 7) % 5  # 0 to 4 collectives, depending on the item
+            acc = []
+            for k in range(count):
+                time.sleep(delays[i][k])
+                t = _full(i * 10 + k + r)
+                if k % 2:
+                    dist.all_reduce(t, async_op=True).wait()
+                else:
+                    dist.all_reduce(t)
+                acc.append(t[0].item())
+            return acc
+
+        for max_workers in (1, 2, 3, 16):
+            with self.subTest(max_workers=max_workers), _recording_schedule() as issued:
+                results = parallel_map(item, range(12), max_workers=max_workers)
+                expected = [
+                    [float(ws * (i * 10 + k) + ws * (ws - 1) // 2) for k in range((i * 7) % 5)]
+                    for i in range(12)
+                ]
+                self.assertEqual(results, expected)
+                self._assert_same_on_every_rank((max_workers, issued))
+        self._assert_clean()
+
+
+class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
+    @property
+    def world_size(self):
+        return 2
+
+    def test_point_to_point(self):
+        self._init()
+        r = self.rank
+        peer = 1 - r
+
+        def item(i):
+            out = {}
+            buf = _full(-1)
+            if r == 0:
+                dist.send(_full(i * 10 + r), dst=peer)
+                out["recv_from"] = dist.recv(buf)  # any source
+            else:
+                out["recv_from"] = dist.recv(buf, src=peer)
+                dist.send(_full(i * 10 + r), dst=peer)
+            out["recv"] = buf
+            buf = _full(-1)
+            works = [dist.isend(_full(i * 10 + r), dst=peer), dist.irecv(buf, src=peer)]
+            for work in works:
+                work.wait()
+            out["irecv"] = buf
+            buf = _full(-1)
+            ops = [
+                dist.P2POp(dist.isend, _full(i * 100 + r), peer),
+                dist.P2POp(dist.irecv, buf, peer),
+            ]
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+            out["batch"] = buf
+            return out
+
+        with _recording_schedule() as issued:
+            results = parallel_map(item, range(6), max_workers=3)
+        for i, out in enumerate(results):
+            self.assertEqual(
+                out,
+                {
+                    "recv_from": peer,
+                    "recv": _full(i * 10 + peer),
+                    "irecv": _full(i * 10 + peer),
+                    "batch": _full(i * 100 + peer),
+                },
+            )
+        self._assert_same_on_every_rank([(i, c) for i, c, _ in issued])
+        self._assert_clean()
+
+    def test_object_collectives(self):
+        self._init()
+        ws, r = self.world_size, self.rank
+
+        def item(i):
+            root = i % ws
+            out = {}
+            gathered = [None] * ws
+            dist.all_gather_object(gathered, {"item": i, "rank": r})
+            out["all_gather_object"] = gathered
+            gathered = [None] * ws if r == root else None
+            dist.gather_object(("g", i, r), gathered, dst=root)
+            if r == root:
+                out["gather_object"] = gathered
+            objs = [("b", i)] if r == root else [None]
+            dist.broadcast_object_list(objs, src=root)
+            out["broadcast_object_list"] = objs
+            received = [None]
+            dist.scatter_object_list(
+                received, [("s", i, q) for q in range(ws)] if r == root else None, src=root
+            )
+            out["scatter_object_list"] = received
+            if r == root:
+                dist.send_object_list([("p2p", i)], dst=(root + 1) % ws)
+            elif r == (root + 1) % ws:
+                box = [None]
+                dist.recv_object_list(box, src=root)
+                out["recv_object_list"] = box
+            return out
+
+        with _recording_schedule() as issued:
+            results = parallel_map(item, range(5), max_workers=2)
+        for i, out in enumerate(results):
+            root = i % ws
+            expected = {
+                "all_gather_object": [{"item": i, "rank": q} for q in range(ws)],
+                "broadcast_object_list": [("b", i)],
+                "scatter_object_list": [("s", i, r)],
+            }
+            if r == root:
+                expected["gather_object"] = [("g", i, q) for q in range(ws)]
+            if r == (root + 1) % ws:
+                expected["recv_object_list"] = [("p2p", i)]
+            self.assertEqual(out, expected, f"item {i}")
+        # send/recv_object_list run on one rank or the other: compare the rest.
+        shared = [(i, op) for i, _, op in issued if not op.endswith("object_list")
+                  or op in ("broadcast_object_list", "scatter_object_list")]
+        self._assert_same_on_every_rank(shared)
+        self._assert_clean()
+
+    def test_group_creation(self):
+        self._init()
+        ws, r = self.world_size, self.rank
+        try:
+            dist.split_group(split_ranks=[[q] for q in range(ws)])
+        except RuntimeError as e:
+            serial_error = str(e)
+        else:
+            serial_error = None
+
+        def item(i):
+            group = dist.new_group(list(range(ws)))
+            t = _full(i + r)
+            dist.all_reduce(t, group=group)
+            mine, _ = dist.new_subgroups(group_size=1)
+            alone = _full(i * 10 + r)
+            dist.all_reduce(alone, group=mine)
+            try:
+                dist.split_group(split_ranks=[[q] for q in range(ws)])
+                split_error = None
+            except RuntimeError as e:
+                split_error = str(e)
+            return t, alone, split_error
+
+        results = parallel_map(item, range(4), max_workers=2)
+        for i, (t, alone, split_error) in enumerate(results):
+            self.assertEqual(t, _full(ws * i + ws * (ws - 1) // 2))
+            self.assertEqual(alone, _full(i * 10 + r))
+            self.assertEqual(split_error, serial_error)
+        self._assert_clean()
+
+    def test_functional_collectives_and_dtensor(self):
+        self._init()
+        ws, r = self.world_size, self.rank
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import distribute_tensor, Replicate, Shard
+
+        mesh = init_device_mesh("cpu", (ws,))
+        world = dist.group.WORLD
+
+        def item(i):
+            v = i * 100 + r
+            out = {
+                "all_reduce": funcol.all_reduce(_full(v), "sum", world),
+                "broadcast": funcol.broadcast(_full(v), i % ws, world),
+                "all_gather": funcol.all_gather_tensor(_full(v), 0, world),
+                "reduce_scatter": funcol.reduce_scatter_tensor(
+                    torch.cat([_full(v + q) for q in range(ws)]), "sum", 0, world
+                ),
+                "all_to_all": funcol.all_to_all_single(
+                    torch.cat([_full(1000 * i + 10 * r + q) for q in range(ws)]), None, None, world
+                ),
+                "coalesced": torch.cat(funcol.all_reduce_coalesced([_full(v), _full(v)], "sum", world)),
+            }
+            x = torch.arange(4 * ws, dtype=torch.float32) + i  # same on every rank
+            d = distribute_tensor(x, mesh, [Shard(0)])
+            out["dtensor_replicate"] = (d * 2).redistribute(mesh, [Replicate()]).to_local()
+            out["dtensor_sum"] = d.sum().full_tensor()
+            return {k: torch.as_tensor(v).clone() for k, v in out.items()}
+
+        results = parallel_map(item, range(5), max_workers=3)
+        for i, out in enumerate(results):
+            total = ws * i * 100 + ws * (ws - 1) // 2
+            x = torch.arange(4 * ws, dtype=torch.float32) + i
+            self.assertEqual(
+                out,
+                {
+                    "all_reduce": _full(total),
+                    "broadcast": _full(i * 100 + i % ws),
+                    "all_gather": torch.cat([_full(i * 100 + q) for q in range(ws)]),
+                    "reduce_scatter": _full(total + ws * r),
+                    "all_to_all": torch.cat([_full(1000 * i + 10 * q + r) for q in range(ws)]),
+                    "coalesced": torch.cat([_full(total), _full(total)]),
+                    "dtensor_replicate": x * 2,
+                    "dtensor_sum": x.sum(),
+                },
+                f"item {i}",
+            )
+        self._assert_clean()
+
+    def test_symmetric_failure(self):
+        self._init()
+        ws = self.world_size
+
+        for failing, max_workers in ((0, 2), (3, 2), (5, 3), (2, 8)):
+            def item(i):
+                t = _full(i)
+                dist.all_reduce(t)
+                if i == failing:
+                    raise ValueError(f"item {i} failed")
+                dist.all_reduce(t)
+                return t[0].item()
+
+            with self.subTest(failing=failing), _recording_schedule() as issued:
+                with self.assertRaisesRegex(ValueError, f"item {failing} failed") as caught:
+                    parallel_map(item, range(8), max_workers=max_workers)
+                self._assert_same_on_every_rank((str(caught.exception), issued))
+                # The process group is still in step: a later collective matches.
+                t = _full(self.rank + failing)
+                dist.all_reduce(t)
+                self.assertEqual(t, _full(ws * failing + ws * (ws - 1) // 2))
+        self._assert_clean()
+
+    def test_collective_error_raises_in_the_worker(self):
+        self._init()
+        ws = self.world_size
+        try:
+            dist.broadcast(_full(0), src=ws + 5)
+        except (RuntimeError, ValueError) as e:
+            serial = (type(e), str(e))
+
+        def item(i):
+            try:
+                dist.broadcast(_full(0), src=ws + 5)
+            except (RuntimeError, ValueError) as e:
+                caught = (type(e), str(e), threading.current_thread().name)
+            t = _full(i)
+            dist.all_reduce(t)  # the schedule goes on
+            return caught, t
+
+        results = parallel_map(item, range(4), max_workers=2)
+        for i, ((kind, message, thread), t) in enumerate(results):
+            self.assertEqual((kind, message), serial)
+            self.assertTrue(thread.startswith("parallel_map-worker"), thread)
+            self.assertEqual(t, _full(ws * i))
+        self._assert_clean()
+
+    def test_nested_parallel_map(self):
+        self._init()
+        ws, r = self.world_size, self.rank
+
+        def inner(j):
+            t = _full(j + r)
+            dist.all_reduce(t)
+            return t[0].item()
+
+        def outer(i):
+            t = _full(i * 100 + r)
+            dist.all_reduce(t)
+            return t[0].item(), parallel_map(inner, range(i, i + 3), max_workers=2)
+
+        with _recording_schedule() as issued:
+            results = parallel_map(outer, range(4), max_workers=2)
+        for i, (mine, nested) in enumerate(results):
+            self.assertEqual(mine, ws * i * 100 + ws * (ws - 1) // 2)
+            self.assertEqual(nested, [ws * j + ws * (ws - 1) // 2 for j in range(i, i + 3)])
+        self._assert_same_on_every_rank(issued)
+        self._assert_clean()
+
+    def test_coordinated(self):
+        self._init()
+        order = []
+
+        @coordinated
+        def log_step(i):
+            order.append((i, threading.current_thread() is threading.main_thread()))
+            return i
+
+        def item(i):
+            t = _full(i)
+            dist.all_reduce(t)
+            return log_step(i)
+
+        self.assertEqual(parallel_map(item, range(6), max_workers=3), list(range(6)))
+        self.assertTrue(all(on_main for _, on_main in order))
+        self._assert_same_on_every_rank(order)
+        self._assert_clean()
+
+
+class ParallelMapWorld4Test(_TestsForEveryWorldSize, _ParallelMapTestBase):
+    @property
+    def world_size(self):
+        return 4
+
+
+if __name__ == "__main__":
+    run_tests()
