@@ -12,6 +12,7 @@ the same single source of truth:
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -72,13 +73,17 @@ def apply_edit(path: str, original: bytes, diff: bytes) -> bytes:
         src, out = Path(tmp) / "original", Path(tmp) / "patched"
         src.write_bytes(original)
         proc = subprocess.run(
-            ["patch", "--fuzz=0", "--force", "--silent", "-p1", "--reject-file=-",
+            ["patch", "--fuzz=0", "--force", "-p1", "--reject-file=-",
              "--no-backup-if-mismatch", "-o", str(out), str(src)],
             input=diff,
             capture_output=True,
         )
         if proc.returncode != 0:
             detail = (proc.stdout + proc.stderr).decode(errors="replace").strip()
-            failed = [line for line in detail.splitlines() if "FAILED" in line]
+            headers = [line for line in diff.decode().splitlines() if line.startswith("@@")]
+            failed = []
+            for match in re.finditer(r"Hunk #(\d+) FAILED at (\d+)", detail):
+                number = int(match.group(1))
+                failed.append(f"{match.group(0)}: {headers[number - 1]}")
             raise PatchError(f"{path}: " + ("; ".join(failed) or detail or "patch failed"))
         return out.read_bytes()
