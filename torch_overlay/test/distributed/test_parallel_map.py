@@ -14,6 +14,7 @@ import sys
 import sysconfig
 import threading
 import time
+import unittest
 import warnings
 
 import torch
@@ -21,7 +22,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.distributed_c10d import _collective_hook
 from torch.distributed.threading import coordinated, parallel_map
-from torch.testing._internal.common_distributed import MultiProcessTestCase
+from torch.testing._internal.common_distributed import MultiProcessTestCase, skip_if_lt_x_gpu
 from torch.testing._internal.common_utils import run_tests
 
 
@@ -67,9 +68,9 @@ class _ParallelMapTestBase(MultiProcessTestCase):
         super().setUp()
         self._spawn_processes()
 
-    def _init(self):
+    def _init(self, backend="gloo"):
         store = dist.FileStore(self.file_name, self.world_size)
-        dist.init_process_group("gloo", store=store, rank=self.rank, world_size=self.world_size)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size)
         torch.set_num_threads(1)
         if sysconfig.get_config_var("Py_GIL_DISABLED"):
             self.assertFalse(sys._is_gil_enabled(), "free-threaded build with the GIL on")
@@ -477,6 +478,46 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         self.assertTrue(all(on_main for _, on_main in order))
         self._assert_same_on_every_rank(order)
         self._assert_clean()
+
+
+@unittest.skipUnless(torch.cuda.is_available(), "needs CUDA")
+class ParallelMapCudaTest(_ParallelMapTestBase):
+    """Collectives are issued on the stream the worker had current."""
+
+    @property
+    def world_size(self):
+        return 2
+
+    def _check_issued_on_worker_stream(self, backend):
+        r = self.rank
+        torch.cuda.set_device(r % torch.cuda.device_count())
+        torch.zeros(1, device="cuda")  # initialize CUDA, as a real caller would have
+        self._init(backend)
+
+        def item(i):
+            # A private stream per item: the all_reduce must see the fill that
+            # is still queued behind a long kernel on this stream, which only
+            # holds if it was issued on it.
+            stream = torch.cuda.Stream()
+            with torch.cuda.stream(stream):
+                t = torch.zeros(4, device="cuda")
+                torch.cuda._sleep(20_000_000)
+                t.fill_(i + r)
+                dist.all_reduce(t)
+                return t.cpu()
+
+        results = parallel_map(item, range(6), max_workers=3)
+        for i, t in enumerate(results):
+            self.assertEqual(t, torch.full((4,), float(2 * i + 1)))
+        self._assert_clean()
+
+    @skip_if_lt_x_gpu(1)
+    def test_gloo_cuda_tensors_on_worker_streams(self):
+        self._check_issued_on_worker_stream("gloo")
+
+    @skip_if_lt_x_gpu(2)
+    def test_nccl_on_worker_streams(self):
+        self._check_issued_on_worker_stream("nccl")
 
 
 class ParallelMapWorld4Test(_TestsForEveryWorldSize, _ParallelMapTestBase):

@@ -69,7 +69,7 @@ class _IssueRecvAsIrecv(_IssuePlan):
         group_src = kwargs["group_src"]
         if group_src is None:
             group_src = issued._source_rank()
-        group = kwargs["group"] or c10d._get_default_group()
+        group = c10d._group_or_default_group(kwargs["group"])
         return c10d.get_global_rank(group, group_src)
 
 

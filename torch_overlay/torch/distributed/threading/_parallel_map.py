@@ -129,10 +129,10 @@ def parallel_map(
     elif intra_op_threads < 1:
         raise ValueError(f"intra_op_threads must be at least 1, got {intra_op_threads}")
 
-    if max_workers > 1:
-        first_two = list(itertools.islice(items, 2))
-        items = itertools.chain(first_two, items)
-    if max_workers == 1 or len(first_two) < 2:
+    # One worker, or a single item: nothing to overlap, run on the caller.
+    first_two = list(itertools.islice(items, 2)) if max_workers > 1 else []
+    items = itertools.chain(first_two, items)
+    if len(first_two) < 2:
         state = CallerState.capture(caller_threads)
         return [state.run(fn, item) for item in items]
 
