@@ -305,6 +305,35 @@ def test_caller_state_is_propagated():
         _var.reset(token)
 
 
+def test_hang_report_names_waits_and_stacks(caplog):
+    log = IssueLog()
+    release = threading.Event()
+
+    def item(i: int) -> int:
+        if i == 0:
+            release.wait(timeout=10)  # the coordinator waits on this slot
+            return i
+        fake_collective(log, i)
+        return i
+
+    def release_later():
+        time.sleep(0.6)
+        release.set()
+
+    threading.Thread(target=release_later).start()
+    with caplog.at_level("WARNING", logger="torch.distributed.threading"):
+        parallel_map(item, range(2), max_workers=2, report_hang_after=0.2)
+    reports = [r.getMessage() for r in caplog.records if "has waited" in r.getMessage()]
+    assert 1 <= len(reports) <= 4  # once per interval, not continuously
+    first = reports[0]
+    assert "for the next event of item 0" in first
+    assert "item 0: running fn" in first
+    assert "item 1: waiting for the coordinator to issue fake_collective (item 1, call 0)" in first
+    assert "release.wait(timeout=10)" in first  # the waiting worker's stack
+    with pytest.raises(ValueError, match="report_hang_after"):
+        parallel_map(str, [1, 2], report_hang_after=0)
+
+
 def test_no_thread_or_hook_left_after_failure():
     def item(i: int) -> int:
         if i == 1:

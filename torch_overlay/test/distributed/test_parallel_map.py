@@ -49,18 +49,26 @@ class _IssueRecorder(logging.Handler):
 def _recording_schedule():
     logger = logging.getLogger("torch.distributed.threading._coordinator")
     recorder = _IssueRecorder()
-    old_level = logger.level
+    old_level, old_propagate = logger.level, logger.propagate
     logger.addHandler(recorder)
     logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # record, without printing every issue
     try:
         yield recorder.issued
     finally:
         logger.removeHandler(recorder)
         logger.setLevel(old_level)
+        logger.propagate = old_propagate
 
 
 def _full(value, n=2):
     return torch.full((n,), float(value))
+
+
+def _all_reduce_value(i, rank):
+    t = _full(i + rank)
+    dist.all_reduce(t)
+    return t[0].item()
 
 
 class _ParallelMapTestBase(MultiProcessTestCase):
@@ -458,6 +466,37 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
             self.assertEqual(mine, ws * i * 100 + ws * (ws - 1) // 2)
             self.assertEqual(nested, [ws * j + ws * (ws - 1) // 2 for j in range(i, i + 3)])
         self._assert_same_on_every_rank(issued)
+        self._assert_clean()
+
+    def test_schedule_check(self):
+        self._init()
+        r = self.rank
+
+        def same(i):
+            return _all_reduce_value(i, r)
+
+        def differs_on_rank_1(i):
+            if i == 1 and r == 1:
+                t = _full(i)
+                dist.broadcast(t, src=0)
+                return t[0].item()
+            return _all_reduce_value(i, r)
+
+        # Agreeing schedules pass, explicitly and through TORCH_DISTRIBUTED_DEBUG=DETAIL.
+        expected = [2 * i + 1 for i in range(4)]
+        self.assertEqual(parallel_map(same, range(4), max_workers=2, check_schedule=True), expected)
+        dist.set_debug_level(dist.DebugLevel.DETAIL)
+        try:
+            with self.assertRaisesRegex(RuntimeError, r"max_workers=2; rank 1: max_workers=3"):
+                parallel_map(same, range(4), max_workers=2 + r)
+        finally:
+            dist.set_debug_level(dist.DebugLevel.OFF)
+        with self.assertRaisesRegex(
+            RuntimeError,
+            r"rank 0: item 1 call 0: all_reduce \(tensor \[2\] torch.float32\); "
+            r"rank 1: item 1 call 0: broadcast",
+        ):
+            parallel_map(differs_on_rank_1, range(4), max_workers=2, check_schedule=True)
         self._assert_clean()
 
     def test_coordinated(self):

@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
+import time
+import traceback
 from dataclasses import dataclass
 from typing import Any, TYPE_CHECKING
 
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from ._caller_state import CallerState
+    from ._schedule_check import ScheduleCheck
 
 
 __all__: list[str] = []
@@ -157,6 +161,10 @@ class _WorkerThread:
         self._state = state
         self._feeder = feeder
         self._run: _ItemRun | None = None
+        # For hang reports: the call this worker waits on, and whether it is
+        # still waiting for the coordinator to issue it (else for its result).
+        self.waiting_on: Call | None = None
+        self.waiting_for_issue = False
         self.thread = threading.Thread(
             target=self._main, name=f"parallel_map-worker-{number}", daemon=True
         )
@@ -185,16 +193,34 @@ class _WorkerThread:
             raise CancelledError("parallel_map is stopping; this collective was not issued")
         plan = plan_for(fn, kwargs)
         stream = torch.cuda.current_stream() if torch.cuda.is_initialized() else None
-        run.events.put(Call(fn, kwargs, plan, run.index, run.calls, stream))
+        call = Call(fn, kwargs, plan, run.index, run.calls, stream)
+        self.waiting_on, self.waiting_for_issue = call, True
+        run.events.put(call)
         run.calls += 1
         reply = run.replies.get()
-        if reply is _STOP:
-            run.stopping = True
-            raise CancelledError("parallel_map is stopping; this collective was not issued")
-        assert isinstance(reply, _Reply)
-        if reply.error is not None:
-            raise reply.error
-        return plan.finish(reply.value, kwargs)
+        self.waiting_for_issue = False
+        try:
+            if reply is _STOP:
+                run.stopping = True
+                raise CancelledError("parallel_map is stopping; this collective was not issued")
+            assert isinstance(reply, _Reply)
+            if reply.error is not None:
+                raise reply.error
+            return plan.finish(reply.value, kwargs)
+        finally:
+            self.waiting_on = None
+
+    def describe(self) -> str:
+        """One line for a hang report; read racily from the coordinator."""
+        run, call, for_issue = self._run, self.waiting_on, self.waiting_for_issue
+        if run is None:
+            return "idle"
+        if call is None:
+            return f"item {run.index}: running fn"
+        what = f"{op_name(call.fn)} (item {call.item}, call {call.seq})"
+        if for_issue:
+            return f"item {run.index}: waiting for the coordinator to issue {what}"
+        return f"item {run.index}: waiting for {what} to complete"
 
 
 class Schedule:
@@ -206,8 +232,13 @@ class Schedule:
         items: Iterator[Any],
         max_workers: int,
         state: CallerState,
+        *,
+        report_hang_after: float | None = None,
+        check: ScheduleCheck | None = None,
     ) -> None:
         self._feeder = _Feeder(items)
+        self._report_hang_after = report_hang_after
+        self._check = check
         self._workers = [_WorkerThread(n, fn, state, self._feeder) for n in range(max_workers)]
         self._max_workers = max_workers
         self._results: dict[int, Any] = {}
@@ -219,6 +250,8 @@ class Schedule:
             worker.thread.start()
         try:
             in_slots = self._loop()
+            if self._check is not None:
+                self._check.at_end(self._issued)
         finally:
             # Normally every item taken by a worker has had a slot and ended.
             # After a failure, or if the coordinator itself failed (Ctrl-C),
@@ -246,7 +279,7 @@ class Schedule:
         position = 0
         while slots:
             run = slots[position]
-            event = run.events.get()
+            event = self._next_event(run)
             if isinstance(event, Call):
                 self._issue(run, event)
             else:
@@ -266,6 +299,30 @@ class Schedule:
             position = (position + 1) % len(slots)
         return in_slots
 
+    def _next_event(self, run: _ItemRun) -> Call | _Finished:
+        if self._report_hang_after is None:
+            return run.events.get()
+        started = time.monotonic()
+        while True:
+            try:
+                return run.events.get(timeout=self._report_hang_after)
+            except queue.Empty:
+                self._report_hang(run, time.monotonic() - started)
+
+    def _report_hang(self, run: _ItemRun, waited: float) -> None:
+        frames = sys._current_frames()
+        lines = [
+            f"parallel_map has waited {waited:.0f} s for the next event of item {run.index} "
+            f"({self._issued} collectives issued so far). Workers:"
+        ]
+        for worker in self._workers:
+            state = worker.describe()
+            lines.append(f"  {worker.thread.name}: {state}")
+            frame = frames.get(worker.thread.ident or -1)
+            if frame is not None and state != "idle":
+                lines.extend("    " + line.rstrip() for line in traceback.format_stack(frame))
+        logger.warning("\n".join(lines))
+
     def _run_for_slot(self, index: int) -> _ItemRun | None:
         run = self._feeder.run_for_slot(index)
         if run is None and self._feeder.error is not None and self._feeder.error[0] == index:
@@ -278,6 +335,8 @@ class Schedule:
             logger.debug(
                 "issue #%d: item %d call %d %s", self._issued, call.item, call.seq, op_name(call.fn)
             )
+        if self._check is not None:
+            self._check.before_issue(self._issued, call)
         self._issued += 1
         try:
             value = call.issue()

@@ -9,11 +9,13 @@ import threading
 from typing import Any, TYPE_CHECKING, TypeVar
 
 import torch
+import torch.distributed as dist
 from torch.distributed.distributed_c10d import _collective_hook
 
 from ._caller_state import CallerState
 from ._calls import call_coordinated
 from ._coordinator import Schedule
+from ._schedule_check import ScheduleCheck
 
 
 if TYPE_CHECKING:
@@ -47,6 +49,8 @@ def parallel_map(
     *,
     max_workers: int | None = None,
     intra_op_threads: int | None = None,
+    check_schedule: bool | None = None,
+    report_hang_after: float | None = 300.0,
 ) -> list[_R]:
     """Apply ``fn`` to every item on worker threads, with collectives made safe.
 
@@ -85,13 +89,25 @@ def parallel_map(
             :func:`torch.set_num_threads`). Defaults to the caller's count
             divided by ``max_workers``, at least 1, so that the workers
             together use no more threads than the caller would.
+        check_schedule: Before each collective, check that every rank is
+            about to issue the same one (item, call number, op, input
+            shapes) and that ``max_workers`` agrees, raising a
+            ``RuntimeError`` that names the first difference. Costs a round
+            trip per collective. Defaults to on when
+            ``TORCH_DISTRIBUTED_DEBUG=DETAIL``. Needs an initialized default
+            process group; ignored in a nested call (the outer one checks).
+        report_hang_after: When the calling thread has waited this many
+            seconds for a slot's next event, log a warning (logger
+            ``torch.distributed.threading``), once per interval, naming
+            what each worker waits on, with its stack. ``None`` disables it.
 
     Returns:
         ``fn``'s results, in the order of ``iterable``.
 
     Raises:
         TypeError: ``fn`` is not callable or ``iterable`` is not iterable.
-        ValueError: ``max_workers`` or ``intra_op_threads`` is less than 1.
+        ValueError: ``max_workers`` or ``intra_op_threads`` is less than 1,
+            or ``report_hang_after`` is not positive.
         RuntimeError: another thread is running a ``parallel_map`` that is not
             an enclosing one.
         Exception: The exception of the lowest-index item that failed; the
@@ -128,6 +144,14 @@ def parallel_map(
         )
     elif intra_op_threads < 1:
         raise ValueError(f"intra_op_threads must be at least 1, got {intra_op_threads}")
+    if report_hang_after is not None and not report_hang_after > 0:
+        raise ValueError(f"report_hang_after must be positive or None, got {report_hang_after}")
+
+    nested = _collective_hook.fn is not None  # we are a worker of an outer call
+    if check_schedule is None:
+        check_schedule = dist.is_initialized() and dist.get_debug_level() == dist.DebugLevel.DETAIL
+    # Nested calls are checked by the outer call, whose schedule carries theirs.
+    check = ScheduleCheck(max_workers) if check_schedule and not nested else None
 
     # One worker, or a single item: nothing to overlap, run on the caller.
     first_two = list(itertools.islice(items, 2)) if max_workers > 1 else []
@@ -136,7 +160,6 @@ def parallel_map(
         state = CallerState.capture(caller_threads)
         return [state.run(fn, item) for item in items]
 
-    nested = _collective_hook.fn is not None  # we are a worker of an outer call
     if not nested and not _top_level.acquire(blocking=False):
         raise RuntimeError(
             "parallel_map is already running on another thread of this process. Its "
@@ -145,7 +168,10 @@ def parallel_map(
         )
     try:
         state = CallerState.capture(intra_op_threads)
-        return Schedule(fn, items, max_workers, state).run()
+        schedule = Schedule(
+            fn, items, max_workers, state, report_hang_after=report_hang_after, check=check
+        )
+        return schedule.run()
     finally:
         # Worker threads set the process-wide default that new threads start with.
         torch.set_num_threads(caller_threads)
