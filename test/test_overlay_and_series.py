@@ -17,6 +17,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+import _hook_edits  # noqa: E402
+import _upstream_files  # noqa: E402
+
 OVERLAY = [sys.executable, str(REPO / "scripts" / "overlay")]
 SERIES = [sys.executable, str(REPO / "scripts" / "series")]
 EDITED = ["torch/distributed/distributed_c10d.py", "torch/distributed/_functional_collectives.py"]
@@ -107,6 +111,22 @@ def test_stale_overlay_is_reported_and_reinstalled(site):
     assert status.returncode == 2 and status.stdout.startswith("stale")
     assert run([*OVERLAY, "install", "--site", str(site)]).returncode == 0
     assert run([*OVERLAY, "status", "--site", str(site)]).returncode == 0
+
+
+@pytest.mark.parametrize("minor", sorted(_upstream_files.RELEASES))
+def test_overlay_installs_on_every_supported_release(tmp_path, minor):
+    release = _upstream_files.RELEASES[minor]
+    site = tmp_path / "site"
+    shutil.copytree(_upstream_files.pristine(release), site)
+    before = tree_digest(site)
+    out = run([*OVERLAY, "install", "--site", str(site)])
+    assert out.returncode == 0, out.stderr
+    for path in EDITED:
+        edited = (site / path).read_text()
+        assert _hook_edits.check(path, edited) == []
+        compile(edited, path, "exec")
+    assert run([*OVERLAY, "uninstall", "--site", str(site)]).returncode == 0
+    assert tree_digest(site) == before
 
 
 def test_committed_series_is_up_to_date():

@@ -1,0 +1,208 @@
+"""The edits of upstream files, generated: the collective hook lines.
+
+The change to ``distributed_c10d.py`` and ``_functional_collectives.py`` is
+mechanical: define ``_collective_hook`` and, in each collective entry point,
+right after its ``__torch_function__`` check (else after its docstring),
+
+    if (hook := _collective_hook.fn) is not None:
+        return hook(<entry point>, <param>=<param>, ...)
+
+so it is generated from each release's own source (its parameters, overloads
+and helper names differ between releases) rather than kept as hand-made diffs.
+``scripts/series export`` writes the result as ``patches/edits/<X.Y>/*.diff``.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+
+C10D = "torch/distributed/distributed_c10d.py"
+FUNCOL = "torch/distributed/_functional_collectives.py"
+
+# Entry points, by the name the current release uses. A name in ALIASES is
+# hooked under its older name where the newer one does not exist yet (and
+# left alone where the newer one exists, which it then merely calls).
+_C10D_ENTRY_POINTS = (
+    "broadcast", "all_reduce", "all_reduce_coalesced", "reduce", "all_gather",
+    "all_gather_single", "all_gather_coalesced", "gather", "gather_single", "scatter",
+    "reduce_scatter", "reduce_scatter_single", "all_to_all", "all_to_all_single",
+    "barrier", "monitored_barrier", "send", "recv", "isend", "irecv", "batch_isend_irecv",
+    "all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list",
+    "send_object_list", "recv_object_list", "new_group", "new_subgroups", "split_group",
+)
+_FUNCOL_ENTRY_POINTS = (
+    "broadcast", "all_reduce", "all_gather_single", "reduce_scatter_single",
+    "all_reduce_coalesced", "all_gather_single_coalesced",
+    "reduce_scatter_single_coalesced", "all_to_all_single",
+)
+_ALIASES = {
+    C10D: {
+        "all_gather_single": "all_gather_into_tensor",
+        "reduce_scatter_single": "reduce_scatter_tensor",
+    },
+    FUNCOL: {
+        "all_gather_single": "all_gather_tensor",
+        "reduce_scatter_single": "reduce_scatter_tensor",
+        "all_gather_single_coalesced": "all_gather_into_tensor_coalesced",
+        "reduce_scatter_single_coalesced": "reduce_scatter_tensor_coalesced",
+    },
+}
+
+_HOOK_CLASS = '''
+
+class _CollectiveHook(threading.local):
+    """Per-thread redirection of this module's collective entry points.
+
+    While ``fn`` is set on a thread, each collective entry point calls
+    ``fn(entry_point, **arguments)`` right after its ``__torch_function__``
+    check and returns what it returns. ``torch.distributed.threading`` sets it
+    on its worker threads so that one coordinating thread issues their
+    collectives in an order that is identical on every rank. Every other
+    thread sees the class default, ``None``: one attribute lookup, no other cost.
+    """
+
+    fn: Callable[..., Any] | None = None
+
+
+_collective_hook = _CollectiveHook()'''
+
+
+class EditError(Exception):
+    """The source does not have the shape the generator relies on."""
+
+
+def _definitions(tree: ast.Module) -> dict[str, ast.FunctionDef]:
+    """Module-level functions by name; the implementation, not ``@overload`` stubs."""
+    found: dict[str, ast.FunctionDef] = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            decorators = {ast.unparse(d) for d in node.decorator_list}
+            if not decorators & {"overload", "typing.overload"}:
+                found[node.name] = node
+    return found
+
+
+def _hooked(path: str, functions: dict[str, ast.FunctionDef]) -> list[ast.FunctionDef]:
+    names = _C10D_ENTRY_POINTS if path == C10D else _FUNCOL_ENTRY_POINTS
+    chosen = []
+    for name in names:
+        if name not in functions:
+            name = _ALIASES[path].get(name, name)
+        if name in functions:
+            chosen.append(functions[name])
+    return chosen
+
+
+def _hook_lines(fn: ast.FunctionDef, indent: str) -> list[str]:
+    a = fn.args
+    if a.vararg or a.kwarg or a.posonlyargs:
+        raise EditError(f"{fn.name}: *args, **kwargs or positional-only parameters")
+    if any(isinstance(n, ast.Name) and n.id == "hook" for n in ast.walk(fn)):
+        raise EditError(f"{fn.name} already uses the name 'hook'")
+    names = [p.arg for p in a.args + a.kwonlyargs]
+    head = f"{indent}if (hook := _collective_hook.fn) is not None:"
+    one = f"{indent}    return hook({fn.name}, " + ", ".join(f"{n}={n}" for n in names) + ")"
+    if len(one) <= 88:
+        return [head, one]
+    return [head, f"{indent}    return hook(", f"{indent}        {fn.name},"] + [
+        f"{indent}        {n}={n}," for n in names
+    ] + [f"{indent}    )"]
+
+
+def _insertion(fn: ast.FunctionDef) -> tuple[int, bool]:
+    """(line after which to insert, whether that line ends a __torch_function__ block)."""
+    for stmt in fn.body:
+        if isinstance(stmt, ast.If) and "has_torch_function" in ast.unparse(stmt.test):
+            return stmt.end_lineno or stmt.lineno, True
+    first = fn.body[0]
+    is_docstring = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+    return (first.end_lineno or first.lineno) if is_docstring else fn.body[0].lineno - 1, False
+
+
+def _rename_shadowing_loop_variable(lines: list[str], fn: ast.FunctionDef) -> None:
+    # split_group's loop variable is named split_group, which would make the
+    # hook line's reference to the function a reference to an unbound local.
+    for node in ast.walk(fn):
+        if isinstance(node, ast.For) and isinstance(node.target, ast.Name) \
+                and node.target.id == fn.name:
+            for i in range(node.lineno - 1, node.end_lineno or node.lineno):
+                lines[i] = re.sub(rf"(?<![.\w]){fn.name}\b", "split", lines[i])
+
+
+def _ensure_imports(lines: list[str], tree: ast.Module, path: str) -> None:
+    """Edits top-level imports in place; call after the function edits (line numbers)."""
+    if path == FUNCOL:
+        anchor = "from torch.distributed.device_mesh import DeviceMesh"
+        if anchor not in lines:
+            raise EditError(f"{path}: no line {anchor!r}")
+        lines.insert(lines.index(anchor) + 1,
+                     "from torch.distributed.distributed_c10d import _collective_hook")
+        return
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and ast.unparse(node).startswith("GroupName = NewType"):
+            lines.insert(node.end_lineno or node.lineno, _HOOK_CLASS)
+            break
+    else:
+        raise EditError(f"{path}: no 'GroupName = NewType(...)' line to put the hook after")
+    typing = next((n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "typing"),
+                  None)
+    if typing is None:
+        raise EditError(f"{path}: no 'from typing import' line")
+    if "Any" not in {alias.name for alias in typing.names}:
+        i = typing.lineno - 1
+        if typing.end_lineno == typing.lineno:
+            lines[i] = lines[i].replace("from typing import ", "from typing import Any, ", 1)
+        else:  # one name per line, sorted case-insensitively: Any goes first
+            lines.insert(i + 1, "    Any,")
+    if "import threading" not in lines:
+        if "import sys" not in lines:
+            raise EditError(f"{path}: no 'import sys' line to put 'import threading' after")
+        lines.insert(lines.index("import sys") + 1, "import threading")
+
+
+def edit(path: str, source: str) -> str:
+    """``source`` (an upstream release's ``path``) with the hook added."""
+    tree = ast.parse(source)
+    lines = source.splitlines()
+    functions = _definitions(tree)
+    hooked = _hooked(path, functions)
+    if path == C10D and "split_group" in functions:
+        _rename_shadowing_loop_variable(lines, functions["split_group"])
+    inserts = []
+    for fn in hooked:
+        after, after_torch_function = _insertion(fn)
+        new = _hook_lines(fn, indent=" " * (fn.body[0].col_offset))
+        inserts.append((after, [""] + new if after_torch_function else new + [""]))
+    for after, new in sorted(inserts, reverse=True):
+        lines[after:after] = new
+    # Imports and the hook class sit above every function: edit them last.
+    _ensure_imports(lines, tree, path)
+    return "\n".join(lines) + "\n"
+
+
+def check(path: str, edited: str) -> list[str]:
+    """Problems in an edited file: each hook must name its own function and pass
+    exactly its parameters, and each entry point present must have one."""
+    tree = ast.parse(edited)
+    problems = []
+    functions = _definitions(tree)
+    for fn in _hooked(path, functions):
+        calls = [
+            n for n in ast.walk(fn)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "hook"
+        ]
+        if len(calls) != 1:
+            problems.append(f"{fn.name}: {len(calls)} hook calls")
+            continue
+        call = calls[0]
+        target = call.args[0].id if call.args and isinstance(call.args[0], ast.Name) else None
+        params = [p.arg for p in fn.args.args + fn.args.kwonlyargs]
+        passed = [k.arg for k in call.keywords]
+        if target != fn.name or passed != params:
+            problems.append(f"{fn.name}: hook({target}, {passed}) != its parameters {params}")
+        stores = [n for n in ast.walk(fn) if isinstance(n, ast.Name) and n.id == fn.name
+                  and isinstance(n.ctx, ast.Store)]
+        if stores:
+            problems.append(f"{fn.name}: assigns its own name, shadowing the function")
+    return problems
