@@ -39,7 +39,7 @@ def _rank_body(items: int, max_workers: int, repeat: int, cores_per_rank: int) -
     [work(x) for x in inputs]  # warm-up
     for _ in range(repeat):  # interleaved, so drift in the machine hits both
         t0 = time.perf_counter()
-        serial = [work(x) for x in inputs]
+        [work(x) for x in inputs]
         t1 = time.perf_counter()
         parallel = parallel_map(work, inputs, max_workers=max_workers)
         t2 = time.perf_counter()

@@ -173,7 +173,7 @@ def edit(path: str, source: str) -> str:
     for fn in hooked:
         after, after_torch_function = _insertion(fn)
         new = _hook_lines(fn, indent=" " * (fn.body[0].col_offset))
-        inserts.append((after, [""] + new if after_torch_function else new + [""]))
+        inserts.append((after, ["", *new] if after_torch_function else [*new, ""]))
     for after, new in sorted(inserts, reverse=True):
         lines[after:after] = new
     # Imports and the hook class sit above every function: edit them last.

@@ -20,14 +20,22 @@ import zipfile
 from pathlib import Path
 
 # The release whose files each supported minor version's edits are made from.
-RELEASES = {"2.11": "2.11.0", "2.12": "2.12.1", "2.13": "2.13.0", "2.14": "2.14.1", "2.15": "2.15.0"}
+RELEASES = {
+    "2.11": "2.11.0",
+    "2.12": "2.12.1",
+    "2.13": "2.13.0",
+    "2.14": "2.14.1",
+    "2.15": "2.15.0",
+}
 FILES = (
     "torch/distributed/distributed_c10d.py",
     "torch/distributed/_functional_collectives.py",
     "torch/version.py",
 )
-CACHE = Path(os.environ.get("TDT_CACHE") or
-             Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch-dist-threading")
+CACHE = Path(
+    os.environ.get("TDT_CACHE")
+    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch-dist-threading"
+)
 
 
 class _RangeReader(io.RawIOBase):
@@ -57,7 +65,8 @@ class _RangeReader(io.RawIOBase):
         end = min(self._pos + len(buffer), self._size)
         if end <= self._pos:
             return 0
-        request = urllib.request.Request(self._url, headers={"Range": f"bytes={self._pos}-{end - 1}"})
+        byte_range = f"bytes={self._pos}-{end - 1}"
+        request = urllib.request.Request(self._url, headers={"Range": byte_range})
         with urllib.request.urlopen(request, timeout=120) as r:
             data = r.read()
         buffer[: len(data)] = data

@@ -45,7 +45,7 @@ def _rank_main(fn, rank, world_size, store_path, pg_timeout_s, results, args) ->
         status = "ok"
         if free_threaded and sys._is_gil_enabled():
             value, status = "the GIL was enabled on a free-threaded build", "error"
-    except BaseException as e:  # noqa: B036 - reported to the parent
+    except BaseException as e:  # reported to the parent
         value = f"{type(e).__name__}: {e}"
         if os.environ.get("RANKS_TRACEBACK"):
             traceback.print_exc()

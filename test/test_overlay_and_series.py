@@ -148,6 +148,7 @@ def test_series_applies_with_git_am_and_equals_the_overlay(tmp_path, pristine, s
     assert subjects[1:] == [
         "[c10d] Add a per-thread hook in front of every collective entry point",
         "[c10d] Add torch.distributed.threading.parallel_map",
+        "[docs] Document torch.distributed.threading",
     ]
     for path in EDITED:
         assert (repo / path).read_bytes() == (site / path).read_bytes(), path

@@ -9,7 +9,6 @@ can be compared with ``reference_schedule`` under random delays.
 from __future__ import annotations
 
 import contextvars
-import os
 import random
 import signal
 import sys
@@ -293,7 +292,7 @@ def test_caller_state_is_propagated():
     try:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             seen = parallel_map(lambda i: (_var.get(), observe(i)), range(4), max_workers=2)
-        assert {s for s in seen} == {("caller value", (False, False, True, torch.bfloat16, 2))}
+        assert set(seen) == {("caller value", (False, False, True, torch.bfloat16, 2))}
         with torch.inference_mode():
             seen = parallel_map(observe, range(2), max_workers=2, intra_op_threads=3)
         assert set(seen) == {(False, True, False, torch.bfloat16, 3)}

@@ -8,8 +8,11 @@ the same (item, call, op) sequence.
 """
 
 import contextlib
+import importlib
 import logging
+import pkgutil
 import random
+import subprocess
 import sys
 import sysconfig
 import threading
@@ -23,7 +26,7 @@ import torch.distributed._functional_collectives as funcol
 from torch.distributed.distributed_c10d import _collective_hook
 from torch.distributed.threading import coordinated, parallel_map
 from torch.testing._internal.common_distributed import MultiProcessTestCase, skip_if_lt_x_gpu
-from torch.testing._internal.common_utils import run_tests
+from torch.testing._internal.common_utils import run_tests, TestCase
 
 
 class _IssueRecorder(logging.Handler):
@@ -161,7 +164,7 @@ class _TestsForEveryWorldSize:
         items = range(7)
         with _recording_schedule() as issued:
             results = parallel_map(item, items, max_workers=3)
-        for i, out in zip(items, results):
+        for i, out in zip(items, results, strict=True):
             total = ws * i * 100 + rank_sum
             per_rank = torch.cat([_full(i * 100 + q) for q in range(ws)])
             exchange = torch.cat([_full(1000 * i + 10 * q + r) for q in range(ws)])
@@ -404,7 +407,7 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         ws = self.world_size
 
         for failing, max_workers in ((0, 2), (3, 2), (5, 3), (2, 8)):
-            def item(i):
+            def item(i, failing=failing):
                 t = _full(i)
                 dist.all_reduce(t)
                 if i == failing:
@@ -563,6 +566,38 @@ class ParallelMapWorld4Test(_TestsForEveryWorldSize, _ParallelMapTestBase):
     @property
     def world_size(self):
         return 4
+
+
+class PublicApiTest(TestCase):
+    """The rules test_public_bindings.py enforces, for this package."""
+
+    def test_public_names(self):
+        module = importlib.import_module("torch.distributed.threading")
+        self.assertEqual(module.__all__, ["coordinated", "parallel_map"])
+        for name in module.__all__:
+            self.assertEqual(getattr(module, name).__module__, "torch.distributed.threading")
+        public = {n for n in dir(module) if not n.startswith("_")}
+        self.assertEqual(public, set(module.__all__))
+        for info in pkgutil.iter_modules(module.__path__):
+            self.assertTrue(info.name.startswith("_"), f"public submodule {info.name}")
+            # What a private module exports is public only through the package.
+            sub = importlib.import_module(f"torch.distributed.threading.{info.name}")
+            self.assertLessEqual(set(getattr(sub, "__all__", [])), set(module.__all__), info.name)
+
+    def test_import_has_no_side_effects(self):
+        probe = (
+            "import logging, threading, torch\n"
+            "import torch.distributed.distributed_c10d as c10d\n"
+            "def state():\n"
+            "    return (threading.active_count(), torch.get_num_threads(),\n"
+            "            torch.cuda.is_initialized(), c10d._collective_hook.fn,\n"
+            "            len(logging.getLogger().handlers),\n"
+            "            len(logging.getLogger('torch.distributed.threading').handlers))\n"
+            "before = state()\n"
+            "import torch.distributed.threading\n"
+            "assert state() == before, (before, state())\n"
+        )
+        subprocess.run([sys.executable, "-c", probe], check=True)
 
 
 if __name__ == "__main__":

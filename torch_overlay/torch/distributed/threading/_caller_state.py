@@ -9,6 +9,8 @@ from typing import Any, TYPE_CHECKING
 
 import torch
 
+from ._calls import cuda_is_initialized
+
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -52,7 +54,7 @@ class CallerState:
     @classmethod
     def capture(cls, intra_op_threads: int) -> CallerState:
         cuda_stream = None
-        if torch.cuda.is_initialized():
+        if cuda_is_initialized():
             cuda_stream = torch.cuda.current_stream()
         return cls(
             grad_enabled=torch.is_grad_enabled(),

@@ -36,7 +36,7 @@ from typing import Any, TYPE_CHECKING
 import torch
 from torch.distributed.distributed_c10d import _collective_hook
 
-from ._calls import Call, op_name, plan_for
+from ._calls import Call, cuda_is_initialized, op_name, plan_for
 
 
 if TYPE_CHECKING:
@@ -177,7 +177,7 @@ class _WorkerThread:
                 self._run = run
                 try:
                     result = self._state.run(self._fn, run.item)
-                except BaseException as error:  # noqa: B036 - the coordinator owns it
+                except BaseException as error:  # the coordinator owns every error
                     run.events.put(_Finished(error=error))
                 else:
                     run.events.put(_Finished(result))
@@ -192,7 +192,7 @@ class _WorkerThread:
         if run.stopping:
             raise CancelledError("parallel_map is stopping; this collective was not issued")
         plan = plan_for(fn, kwargs)
-        stream = torch.cuda.current_stream() if torch.cuda.is_initialized() else None
+        stream = torch.cuda.current_stream() if cuda_is_initialized() else None
         call = Call(fn, kwargs, plan, run.index, run.calls, stream)
         self.waiting_on, self.waiting_for_issue = call, True
         run.events.put(call)

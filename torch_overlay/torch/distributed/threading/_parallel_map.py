@@ -10,6 +10,7 @@ from typing import Any, TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import DebugLevel, get_debug_level
 from torch.distributed.distributed_c10d import _collective_hook
 
 from ._caller_state import CallerState
@@ -37,7 +38,8 @@ def _default_max_workers() -> int:
     if hasattr(os, "process_cpu_count"):  # Python >= 3.13
         cpus = os.process_cpu_count() or 1
     else:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+        cpus = cpus or os.cpu_count() or 1
     # Ranks that share a machine share its cores (torchrun sets LOCAL_WORLD_SIZE).
     ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(32, cpus // ranks_here))
@@ -149,7 +151,7 @@ def parallel_map(
 
     nested = _collective_hook.fn is not None  # we are a worker of an outer call
     if check_schedule is None:
-        check_schedule = dist.is_initialized() and dist.get_debug_level() == dist.DebugLevel.DETAIL
+        check_schedule = dist.is_initialized() and get_debug_level() == DebugLevel.DETAIL
     # Nested calls are checked by the outer call, whose schedule carries theirs.
     check = ScheduleCheck(max_workers) if check_schedule and not nested else None
 
@@ -209,6 +211,7 @@ def coordinated(fn: Callable[..., _R]) -> Callable[..., _R]:
         hook = _collective_hook.fn
         if hook is None:
             return fn(*args, **kwargs)
-        return hook(call_coordinated, target=fn, args=args, kwargs=kwargs)
+        result: _R = hook(call_coordinated, target=fn, args=args, kwargs=kwargs)
+        return result
 
     return run_on_coordinator

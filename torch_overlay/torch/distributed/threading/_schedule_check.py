@@ -63,7 +63,9 @@ def _describe(fingerprint: tuple[Any, ...]) -> str:
     if fingerprint[0] == "end":
         return f"no further collective (it issued {fingerprint[1]})"
     item, seq, name, *rest = fingerprint
-    shapes = ", ".join(f"{key} {list(shape)} {dtype}" for key, shape, dtype in (rest[0] if rest else ()))
+    shapes = ", ".join(
+        f"{key} {list(shape)} {dtype}" for key, shape, dtype in (rest[0] if rest else ())
+    )
     return f"item {item} call {seq}: {name}" + (f" ({shapes})" if shapes else "")
 
 
