@@ -554,6 +554,30 @@ class ParallelMapCudaTest(_ParallelMapTestBase):
         self._assert_clean()
 
     @skip_if_lt_x_gpu(1)
+    def test_stream_per_worker(self):
+        r = self.rank
+        torch.cuda.set_device(0)
+        caller_stream = torch.cuda.current_stream()
+        self._init("gloo")
+
+        def item(i):
+            # Runs on the worker's own stream; the result is read by the caller
+            # on its stream without any synchronization of its own.
+            t = torch.zeros(4, device="cuda")
+            torch.cuda._sleep(20_000_000)
+            t.fill_(i + r)
+            dist.all_reduce(t)
+            return torch.cuda.current_stream().stream_id, t * 1
+
+        results = parallel_map(item, range(6), max_workers=3, stream_per_worker=True)
+        streams = {stream for stream, _ in results}
+        self.assertNotIn(caller_stream.stream_id, streams)
+        self.assertLessEqual(len(streams), 3)
+        total = torch.stack([t for _, t in results]).sum(dim=0)  # on the caller's stream
+        self.assertEqual(total.cpu(), torch.full((4,), float(sum(2 * i + 1 for i in range(6)))))
+        self._assert_clean()
+
+    @skip_if_lt_x_gpu(1)
     def test_gloo_cuda_tensors_on_worker_streams(self):
         self._check_issued_on_worker_stream("gloo")
 

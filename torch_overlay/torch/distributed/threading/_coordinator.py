@@ -170,13 +170,13 @@ class _WorkerThread:
         )
 
     def _main(self) -> None:
-        self._state.enter_worker_thread()
+        own_stream = self._state.enter_worker_thread()
         _collective_hook.fn = self._hand_over
         try:
             while (run := self._feeder.run_for_worker()) is not None:
                 self._run = run
                 try:
-                    result = self._state.run(self._fn, run.item)
+                    result = self._state.run(self._fn, run.item, own_stream)
                 except BaseException as error:  # the coordinator owns every error
                     run.events.put(_Finished(error=error))
                 else:

@@ -53,6 +53,7 @@ def parallel_map(
     intra_op_threads: int | None = None,
     check_schedule: bool | None = None,
     report_hang_after: float | None = 300.0,
+    stream_per_worker: bool = False,
 ) -> list[_R]:
     """Apply ``fn`` to every item on worker threads, with collectives made safe.
 
@@ -102,6 +103,13 @@ def parallel_map(
             seconds for a slot's next event, log a warning (logger
             ``torch.distributed.threading``), once per interval, naming
             what each worker waits on, with its stack. ``None`` disables it.
+        stream_per_worker: On CUDA, give each worker thread its own stream on
+            the caller's device instead of the caller's stream, so that the
+            items' kernels can overlap. Each item's stream waits for the
+            caller's stream before the item runs, the caller's stream waits
+            for the item's afterwards, and CUDA tensors in the results are
+            recorded on the caller's stream. Collectives are issued on the
+            worker's stream. Ignored when CUDA is not initialized.
 
     Returns:
         ``fn``'s results, in the order of ``iterable``.
@@ -169,7 +177,7 @@ def parallel_map(
             "Call parallel_map from one thread at a time, or nest it inside fn."
         )
     try:
-        state = CallerState.capture(intra_op_threads)
+        state = CallerState.capture(intra_op_threads, stream_per_worker)
         schedule = Schedule(
             fn, items, max_workers, state, report_hang_after=report_hang_after, check=check
         )

@@ -1,0 +1,112 @@
+"""Benchmark 2: what interception costs.
+
+    python bench_overhead.py [--calls 2000] [--repeat 15] [--smoke]
+
+* Added latency per intercepted collective: one item issues N scalar
+  all_reduces under parallel_map (the other slot's item has none), against
+  the same N calls made directly by the calling thread. gloo, world size 1.
+* Inactive hook: a plain all_reduce loop with the overlay installed and
+  uninstalled, in fresh processes, interleaved. This re-installs the overlay
+  into the running interpreter's torch around each run (scripts/overlay).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from _bench import header, interleaved_medians, table
+
+REPO = Path(__file__).resolve().parent.parent
+_LOOP = """
+import sys, time, torch, torch.distributed as dist
+torch.set_num_threads(1)
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+t = torch.zeros(1)
+n = int(sys.argv[1])
+for _ in range(200):
+    dist.all_reduce(t)
+best = float("inf")
+for _ in range(5):
+    start = time.perf_counter()
+    for _ in range(n):
+        dist.all_reduce(t)
+    best = min(best, (time.perf_counter() - start) / n)
+print(best)
+"""
+
+
+def added_latency(calls: int, repeat: int) -> tuple[float, float]:
+    from torch.distributed.threading import parallel_map
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    t = torch.zeros(1)
+
+    def loop(_: object = None) -> None:
+        for _ in range(calls):
+            dist.all_reduce(t)
+
+    def intercepted() -> None:
+        parallel_map(lambda i: loop() if i == 0 else None, range(2), max_workers=2)
+
+    medians = interleaved_medians({"direct": loop, "intercepted": intercepted}, repeat=repeat)
+    dist.destroy_process_group()
+    return medians["direct"] / calls, medians["intercepted"] / calls
+
+
+def _overlay(command: str) -> None:
+    subprocess.run([sys.executable, str(REPO / "scripts/overlay"), command,
+                    "--python", sys.executable], check=True, capture_output=True)
+
+
+def inactive_hook(calls: int, repeat: int) -> tuple[float, float]:
+    def run() -> float:
+        out = subprocess.run([sys.executable, "-c", _LOOP, str(calls)], check=True,
+                             capture_output=True, text=True)
+        return float(out.stdout.split()[-1])
+
+    samples: dict[str, list[float]] = {"installed": [], "uninstalled": []}
+    try:
+        for _ in range(repeat):
+            for state in ("uninstalled", "installed"):
+                _overlay("uninstall" if state == "uninstalled" else "install")
+                samples[state].append(run())
+    finally:
+        _overlay("install")
+    return statistics.median(samples["uninstalled"]), statistics.median(samples["installed"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--smoke", action="store_true", help="tiny, untimed: for CI")
+    args = parser.parse_args()
+    if args.smoke:
+        args.calls, args.repeat = 20, 1
+    torch.set_num_threads(1)
+    direct, intercepted = added_latency(args.calls, args.repeat)
+    header(f"interception overhead: gloo world 1, scalar all_reduce, {args.calls} calls, "
+           f"median of {args.repeat}")
+    table(["case", "direct us/call", "intercepted us/call", "added us/call"],
+          [["parallel_map worker vs calling thread", direct * 1e6, intercepted * 1e6,
+            (intercepted - direct) * 1e6]])
+    if args.smoke:
+        return  # the inactive-hook run re-installs the overlay: not in CI
+    start = time.perf_counter()
+    without, with_hook = inactive_hook(args.calls, max(5, args.repeat // 2))
+    print(f"\ninactive hook ({time.perf_counter() - start:.0f} s, fresh process per run):")
+    table(["overlay", "us per all_reduce", "ratio"],
+          [["uninstalled", without * 1e6, 1.0],
+           ["installed", with_hook * 1e6, with_hook / without]])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Benchmark 1: the workload, serial vs raw threads vs parallel_map.
+
+    python bench_workload.py [--device cpu|cuda] [--world-sizes 1 2] [--items 6]
+                             [--workers 6] [--repeat 15] [--smoke]
+
+Columns: the serial loop (with the collective); raw threads from a persistent
+ThreadPoolExecutor *without* the collective (what threads could give if
+collectives were free: the upper bound); parallel_map with the collective.
+CPU runs use gloo; CUDA runs use NCCL at world size 1 and gloo with CUDA
+tensors above (one GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.distributed as dist
+from _bench import header, interleaved_medians, table
+from _launch import gil_enabled, run_ranks
+from torch.distributed.threading import parallel_map
+from workload import Workload
+
+
+def _rank_body(device: str, items: int, workers: int, repeat: int, cores: int) -> None:
+    torch.set_num_threads(cores)
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    work = Workload.create(device=device)
+    bare = Workload.create(device=device, collective=False)
+    inputs = [work.item_input(i) for i in range(items)]
+    per_worker = max(1, cores // workers)
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads,
+                            initargs=(per_worker,)) as pool:
+        variants = {
+            "serial": lambda: ([work(x) for x in inputs], sync()),
+            "raw threads, no collective": lambda: (list(pool.map(bare, inputs)), sync()),
+            "parallel_map": lambda: (parallel_map(work, inputs, max_workers=workers), sync()),
+        }
+        if device == "cuda":
+            variants["stream per worker"] = lambda: (
+                parallel_map(work, inputs, max_workers=workers, stream_per_worker=True), sync())
+        medians = interleaved_medians(variants, repeat=repeat, warmup=2)
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (medians, gil_enabled()))
+    if dist.get_rank() == 0:
+        header(f"workload: {device}, world size {dist.get_world_size()} "
+               f"({dist.get_backend()}), {items} items, {workers} workers, "
+               f"median of {repeat} interleaved runs")
+        rows = []
+        for rank, (m, gil) in enumerate(gathered):  # type: ignore[misc]
+            serial = m["serial"]
+            rows.append([rank, "on" if gil else "off", serial * 1e3,
+                         *(serial / m[name] for name in list(m)[1:])])
+        columns = ["raw threads, no collective x", "parallel_map x"]
+        if device == "cuda":
+            columns.append("parallel_map, stream per worker x")
+        table(["rank", "GIL", "serial ms", *columns], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--items", type=int, default=6)
+    parser.add_argument("--workers", type=int, default=None, help="default: cores per rank")
+    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--smoke", action="store_true", help="tiny, untimed: for CI")
+    args = parser.parse_args()
+    if args.smoke:
+        args.items, args.repeat = 2, 1
+    for world in args.world_sizes:
+        cores = max(1, (os.cpu_count() or 1) // world)
+        workers = args.workers or max(2, cores)
+        backend = "nccl" if args.device == "cuda" and world == 1 else "gloo"
+        run_ranks(world, backend, _rank_body, args.device, args.items, workers,
+                  args.repeat, cores)
+
+
+if __name__ == "__main__":
+    main()
