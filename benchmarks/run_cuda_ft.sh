@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The CUDA benchmarks under free-threaded Python on a GPU machine that has no
+# network and no 3.14t: assemble 3.14t + the torch 2.13.0 cp314t wheel from
+# files carried there, lay the overlay on, run the CUDA workload benchmark.
+#
+#   benchmarks/run_cuda_ft.sh PY314T_TAR_XZ TORCH_WHEEL LIBNCCL_XZ [bench args...]
+#
+# PY314T_TAR_XZ: a tar of a CPython 3.14t prefix made with absolute paths (as
+#   scripts/bootstrap builds it: ~/.cache/torch-dist-threading/cpython-3.14.7t).
+# TORCH_WHEEL: torch-2.13.0-cp314-cp314t-manylinux_2_28_x86_64.whl.
+# LIBNCCL_XZ: libnccl.so.2 from nvidia-nccl-cu13 2.29.7, xz-compressed.
+# The machine's own python3 venv (torch for another Python) lends the other
+# nvidia libraries and the pure-Python dependencies.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+py_tar=$1 wheel=$2 nccl=$3
+shift 3
+site=${FT_SITE:-/tmp/ft-site}
+host_site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+
+tar -C / -xJf "$py_tar"
+py=$(tar -tJf "$py_tar" | grep -m1 -E 'bin/python3\.14t$')
+py=/$py
+rm -rf "$site" && mkdir -p "$site"
+python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "$wheel" "$site"
+mkdir -p "$site/nvidia/nccl/lib"
+xz -dc "$nccl" > "$site/nvidia/nccl/lib/libnccl.so.2"
+for d in "$host_site"/nvidia/*; do
+    [[ -e $site/nvidia/$(basename "$d") ]] || ln -s "$d" "$site/nvidia/$(basename "$d")"
+done
+export PYTHONPATH=$site:$host_site PYTHON_GIL=0
+"$py" -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name(), "GIL", sys._is_gil_enabled())'
+python3 "$here/../scripts/overlay" install --site "$site"
+cd "$here"
+"$py" bench_workload.py --device cuda "$@"
