@@ -19,8 +19,8 @@ site=${FT_SITE:-/tmp/ft-site}
 host_site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
 tar -C / -xJf "$py_tar"
-py=$(tar -tJf "$py_tar" | grep -m1 -E 'bin/python3\.14t$')
-py=/$py
+# (grep reads the whole listing: stopping early would kill tar and, with pipefail, us)
+py=/$(tar -tJf "$py_tar" | grep -E 'bin/python3\.14t$' | sort | tail -n 1)
 rm -rf "$site" && mkdir -p "$site"
 python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "$wheel" "$site"
 mkdir -p "$site/nvidia/nccl/lib"
