@@ -10,7 +10,7 @@
 # TORCH_WHEEL: torch-2.13.0-cp314-cp314t-manylinux_2_28_x86_64.whl.
 # LIBNCCL_XZ: libnccl.so.2 from nvidia-nccl-cu13 2.29.7, xz-compressed.
 # The machine's own python3 venv (torch for another Python) lends the other
-# nvidia libraries and the pure-Python dependencies.
+# nvidia libraries and torch's pure-Python dependencies.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 py_tar=$1 wheel=$2 nccl=$3
@@ -28,7 +28,12 @@ xz -dc "$nccl" > "$site/nvidia/nccl/lib/libnccl.so.2"
 for d in "$host_site"/nvidia/*; do
     [[ -e $site/nvidia/$(basename "$d") ]] || ln -s "$d" "$site/nvidia/$(basename "$d")"
 done
-export PYTHONPATH=$site:$host_site PYTHON_GIL=0
+# torch's pure-Python dependencies, borrowed; not the whole host site, whose
+# compiled packages (numpy) are for another Python and fail to import.
+for dep in typing_extensions.py sympy mpmath networkx fsspec filelock jinja2 packaging; do
+    [[ -e $host_site/$dep && ! -e $site/$dep ]] && ln -s "$host_site/$dep" "$site/$dep"
+done
+export PYTHONPATH=$site PYTHON_GIL=0
 "$py" -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name(), "GIL", sys._is_gil_enabled())'
 python3 "$here/../scripts/overlay" install --site "$site"
 cd "$here"
