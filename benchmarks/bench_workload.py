@@ -48,14 +48,21 @@ def _rank_body(device: str, items: int, workers: int, repeat: int, cores: int) -
             variants["stream per worker"] = lambda: (
                 parallel_map(work, inputs, max_workers=workers, stream_per_worker=True), sync())
         medians = interleaved_medians(variants, repeat=repeat, warmup=2)
-    gathered: list[object] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (medians, gil_enabled()))
+    # A tensor gather, not all_gather_object: that one needs numpy, which a
+    # free-threaded GPU environment may lack.
+    names = list(medians)
+    mine = torch.tensor([*(medians[n] for n in names), float(gil_enabled())],
+                        dtype=torch.float64, device=device)
+    gathered_t = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered_t, mine)
+    gathered = [(dict(zip(names, t.tolist()[:-1], strict=True)), bool(t.tolist()[-1]))
+                for t in gathered_t]
     if dist.get_rank() == 0:
         header(f"workload: {device}, world size {dist.get_world_size()} "
                f"({dist.get_backend()}), {items} items, {workers} workers, "
                f"median of {repeat} interleaved runs")
         rows = []
-        for rank, (m, gil) in enumerate(gathered):  # type: ignore[misc]
+        for rank, (m, gil) in enumerate(gathered):
             serial = m["serial"]
             rows.append([rank, "on" if gil else "off", serial * 1e3,
                          *(serial / m[name] for name in list(m)[1:])])
