@@ -20,7 +20,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from torch.distributed.distributed_c10d import _collective_hook
-from torch.distributed.threading import coordinated, parallel_map
+from torch.distributed.threading import _pool, coordinated, parallel_map
 
 from fake_collectives import (
     IssueLog,
@@ -38,7 +38,8 @@ def worker_threads() -> list[threading.Thread]:
 @pytest.fixture(autouse=True)
 def no_leftovers():
     yield
-    assert worker_threads() == [], "a worker thread outlived parallel_map"
+    # Threads kept for the next call must be idle in the pool, nothing else.
+    assert len(worker_threads()) == _pool.pool.idle_count(), "a busy worker outlived the call"
     assert _collective_hook.fn is None
 
 
@@ -331,6 +332,20 @@ def test_hang_report_names_waits_and_stacks(caplog):
     assert "release.wait(timeout=10)" in first  # the waiting worker's stack
     with pytest.raises(ValueError, match="report_hang_after"):
         parallel_map(str, [1, 2], report_hang_after=0)
+
+
+def test_idle_workers_are_reused_then_exit(monkeypatch):
+    names = lambda: {t.name for t in worker_threads()}  # noqa: E731
+    parallel_map(str, range(3), max_workers=3)
+    first = names()
+    parallel_map(str, range(3), max_workers=3)
+    assert names() == first  # the same threads served the second call
+    monkeypatch.setattr(_pool, "IDLE_TIMEOUT_S", 0.05)
+    parallel_map(str, range(3), max_workers=3)  # they now wait 0.05 s for work
+    deadline = time.monotonic() + 5
+    while worker_threads() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert worker_threads() == []
 
 
 def test_no_thread_or_hook_left_after_failure():

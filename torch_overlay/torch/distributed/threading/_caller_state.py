@@ -86,6 +86,11 @@ class CallerState:
         torch.cuda.set_stream(own)
         return own
 
+    def leave_worker_thread(self) -> None:
+        """Undo what outlives a job on a pooled thread: its current stream."""
+        if self.cuda_stream is not None:
+            torch.cuda.set_stream(torch.cuda.default_stream(self.cuda_stream.device))
+
     def run(self, fn: Callable[[Any], Any], item: Any,
             own_stream: torch.cuda.Stream | None = None) -> Any:
         """Run ``fn(item)`` in a copy of the caller's context and modes.

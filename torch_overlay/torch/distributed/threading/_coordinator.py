@@ -37,6 +37,7 @@ import torch
 from torch.distributed.distributed_c10d import _collective_hook
 
 from ._calls import Call, cuda_is_initialized, op_name, plan_for
+from ._pool import pool
 
 
 if TYPE_CHECKING:
@@ -152,24 +153,24 @@ class _Feeder:
             return self._runs[: self._next_for_worker]
 
 
-class _WorkerThread:
-    """A thread that runs items from the feeder, handing collectives over."""
+class _Worker:
+    """One worker of a call: runs items from the feeder on a pooled thread,
+    handing their collectives over."""
 
-    def __init__(self, number: int, fn: Callable[[Any], Any], state: CallerState,
-                 feeder: _Feeder) -> None:
+    def __init__(self, fn: Callable[[Any], Any], state: CallerState, feeder: _Feeder) -> None:
         self._fn = fn
         self._state = state
         self._feeder = feeder
         self._run: _ItemRun | None = None
+        self.thread: threading.Thread | None = None
         # For hang reports: the call this worker waits on, and whether it is
         # still waiting for the coordinator to issue it (else for its result).
         self.waiting_on: Call | None = None
         self.waiting_for_issue = False
-        self.thread = threading.Thread(
-            target=self._main, name=f"parallel_map-worker-{number}", daemon=True
-        )
 
-    def _main(self) -> None:
+    def main(self) -> None:
+        """The job, on a pooled thread: run items until there are none."""
+        self.thread = threading.current_thread()
         own_stream = self._state.enter_worker_thread()
         _collective_hook.fn = self._hand_over
         try:
@@ -184,6 +185,7 @@ class _WorkerThread:
                 self._run = None
         finally:
             _collective_hook.fn = None
+            self._state.leave_worker_thread()
 
     def _hand_over(self, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
         """The collective hook: hand the call to the coordinator and wait for it."""
@@ -239,19 +241,22 @@ class Schedule:
         self._feeder = _Feeder(items)
         self._report_hang_after = report_hang_after
         self._check = check
-        self._workers = [_WorkerThread(n, fn, state, self._feeder) for n in range(max_workers)]
+        self._workers = [_Worker(fn, state, self._feeder) for _ in range(max_workers)]
         self._max_workers = max_workers
         self._results: dict[int, Any] = {}
         self._errors: dict[int, BaseException] = {}
         self._issued = 0
 
     def run(self) -> list[Any]:
-        for worker in self._workers:
-            worker.thread.start()
+        threads = pool.acquire(len(self._workers))
+        for thread, worker in zip(threads, self._workers, strict=True):
+            thread.submit(worker.main)
+        clean = False
         try:
             in_slots = self._loop()
             if self._check is not None:
                 self._check.at_end(self._issued)
+            clean = not self._errors
         finally:
             # Normally every item taken by a worker has had a slot and ended.
             # After a failure, or if the coordinator itself failed (Ctrl-C),
@@ -261,8 +266,17 @@ class Schedule:
             for run in self._feeder.close():
                 if not run.finished:
                     run.replies.put(_STOP)
-            for worker in self._workers:
-                worker.thread.join()
+            for thread in threads:
+                thread.wait()
+            # Threads go back to the pool only after a clean call: after a
+            # failure none outlives the call.
+            if clean:
+                pool.release(threads)
+            else:
+                for thread in threads:
+                    thread.retire()
+                for thread in threads:
+                    thread.thread.join()
         if self._errors:
             raise self._first_error()
         return [self._results[i] for i in range(in_slots)]
@@ -317,8 +331,9 @@ class Schedule:
         ]
         for worker in self._workers:
             state = worker.describe()
-            lines.append(f"  {worker.thread.name}: {state}")
-            frame = frames.get(worker.thread.ident or -1)
+            thread = worker.thread
+            lines.append(f"  {thread.name if thread else 'worker'}: {state}")
+            frame = frames.get(thread.ident or -1) if thread else None
             if frame is not None and state != "idle":
                 lines.extend("    " + line.rstrip() for line in traceback.format_stack(frame))
         logger.warning("\n".join(lines))

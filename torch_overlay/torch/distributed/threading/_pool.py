@@ -1,0 +1,106 @@
+"""Worker threads, kept for a moment between ``parallel_map`` calls.
+
+A new thread costs more than its creation: PyTorch sets up per-thread state
+(intra-op pool, CUDA handles and workspaces) on its first operations. Calls
+made back to back, one per training step say, reuse the threads of the
+previous call instead. A thread idle for ``IDLE_TIMEOUT_S`` exits; idle
+threads hold no item, no collective hook and no reference to user objects.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+from typing import TYPE_CHECKING
+
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
+__all__: list[str] = []
+
+IDLE_TIMEOUT_S = 1.0
+
+
+class PooledThread:
+    """A daemon thread that runs jobs handed to it, one at a time."""
+
+    def __init__(self, pool: WorkerPool, number: int) -> None:
+        self._pool = pool
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self.thread = threading.Thread(
+            target=self._main, name=f"parallel_map-worker-{number}", daemon=True
+        )
+        self.thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def wait(self) -> None:
+        """Block until the job submitted last has returned."""
+        self._done.get()
+
+    def retire(self) -> None:
+        """Exit once idle; join ``thread`` to wait for it."""
+        self._jobs.put(None)
+
+    def _main(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=IDLE_TIMEOUT_S)
+            except queue.Empty:
+                if self._pool.expire(self):
+                    return
+                continue  # taken from the pool just now: a job is on its way
+            if job is None:
+                return
+            try:
+                job()
+            finally:
+                del job  # drop the call's objects before idling
+                self._done.put(None)
+
+
+class WorkerPool:
+    """The idle threads; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[PooledThread] = []
+        self._numbers = itertools.count()
+        os.register_at_fork(after_in_child=self._forget)
+
+    def acquire(self, count: int) -> list[PooledThread]:
+        with self._lock:
+            reused = self._idle[len(self._idle) - min(count, len(self._idle)):]
+            del self._idle[len(self._idle) - len(reused):]
+        fresh = [PooledThread(self, next(self._numbers)) for _ in range(count - len(reused))]
+        return reused + fresh
+
+    def release(self, threads: list[PooledThread]) -> None:
+        with self._lock:
+            self._idle.extend(threads)
+
+    def expire(self, thread: PooledThread) -> bool:
+        """Take ``thread`` out if it is idle; False if a caller just took it."""
+        with self._lock:
+            if thread in self._idle:
+                self._idle.remove(thread)
+                return True
+            return False
+
+    def idle_count(self) -> int:
+        with self._lock:
+            return len(self._idle)
+
+    def _forget(self) -> None:
+        # A forked child has none of the parent's threads.
+        self._lock = threading.Lock()
+        self._idle = []
+
+
+pool = WorkerPool()
