@@ -45,6 +45,14 @@ def _rank_body(device: str, items: int, workers: int, repeat: int, cores: int) -
             "parallel_map": lambda: (parallel_map(work, inputs, max_workers=workers), sync()),
         }
         if device == "cuda":
+            streams = [torch.cuda.Stream() for _ in inputs]
+
+            def on_own_stream(i: int) -> object:
+                with torch.cuda.stream(streams[i]):
+                    return bare(inputs[i])
+
+            variants["raw threads, stream per item"] = lambda: (
+                list(pool.map(on_own_stream, range(len(inputs)))), sync())
             variants["stream per worker"] = lambda: (
                 parallel_map(work, inputs, max_workers=workers, stream_per_worker=True), sync())
         medians = interleaved_medians(variants, repeat=repeat, warmup=2)
@@ -68,7 +76,7 @@ def _rank_body(device: str, items: int, workers: int, repeat: int, cores: int) -
                          *(serial / m[name] for name in list(m)[1:])])
         columns = ["raw threads, no collective x", "parallel_map x"]
         if device == "cuda":
-            columns.append("parallel_map, stream per worker x")
+            columns += ["raw threads, own streams x", "parallel_map, stream per worker x"]
         table(["rank", "GIL", "serial ms", *columns], rows)
 
 
