@@ -73,8 +73,10 @@ def inactive_hook(calls: int, repeat: int) -> tuple[float, float]:
 
     samples: dict[str, list[float]] = {"installed": [], "uninstalled": []}
     try:
-        for _ in range(repeat):
-            for state in ("uninstalled", "installed"):
+        for rep in range(repeat):
+            # Alternate which state goes first: the run after a re-install
+            # must not always be the same one.
+            for state in ("uninstalled", "installed")[:: 1 if rep % 2 else -1]:
                 _overlay("uninstall" if state == "uninstalled" else "install")
                 samples[state].append(run())
     finally:
