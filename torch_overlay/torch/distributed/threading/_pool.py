@@ -10,6 +10,7 @@ threads hold no item, no collective hook and no reference to user objects.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 
 
 __all__: list[str] = []
+
+logger = logging.getLogger(__name__)
 
 IDLE_TIMEOUT_S = 1.0
 
@@ -60,6 +63,8 @@ class PooledThread:
                 return
             try:
                 job()
+            except Exception:  # a bug of ours, not an item's error: those the job reports
+                logger.exception("parallel_map worker failed")
             finally:
                 del job  # drop the call's objects before idling
                 self._done.put(None)
@@ -76,6 +81,7 @@ class WorkerPool:
 
     def acquire(self, count: int) -> list[PooledThread]:
         with self._lock:
+            self._idle = [t for t in self._idle if t.thread.is_alive()]
             reused = self._idle[len(self._idle) - min(count, len(self._idle)):]
             del self._idle[len(self._idle) - len(reused):]
         fresh = [PooledThread(self, next(self._numbers)) for _ in range(count - len(reused))]
