@@ -79,7 +79,10 @@ def parallel_map(
     Each item runs with the caller's grad mode, inference mode, autocast state,
     current CUDA device and stream, in a copy of the caller's
     :mod:`contextvars` context. Each worker thread uses
-    ``intra_op_threads`` threads for intra-op parallelism.
+    ``intra_op_threads`` threads for intra-op parallelism. After a call that
+    succeeded, the worker threads idle for up to a second, holding nothing,
+    so that back-to-back calls reuse them; after a failure they have exited
+    by the time the exception is raised.
 
     Args:
         fn: Called once per item, on a worker thread.
