@@ -324,7 +324,8 @@ def test_hang_report_names_waits_and_stacks(caplog):
     with caplog.at_level("WARNING", logger="torch.distributed.threading"):
         parallel_map(item, range(2), max_workers=2, report_hang_after=0.2)
     reports = [r.getMessage() for r in caplog.records if "has waited" in r.getMessage()]
-    assert 1 <= len(reports) <= 4  # once per interval, not continuously
+    # Once per interval (about 3 in 0.6 s), not continuously; generous for a loaded machine.
+    assert 1 <= len(reports) <= 10
     first = reports[0]
     assert "for the next event of item 0" in first
     assert "item 0: running fn" in first
