@@ -47,13 +47,9 @@ class _IssueAsyncThenWait(_IssuePlan):
             issued.wait()
 
 
-class _IssueSendAsIsend(_IssuePlan):
+class _IssueSendAsIsend(_IssueAsyncThenWait):
     def issue(self, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
         return c10d.isend(**kwargs)
-
-    def finish(self, issued: Any, kwargs: dict[str, Any]) -> None:
-        if issued is not None:
-            issued.wait()
 
 
 class _IssueRecvAsIrecv(_IssuePlan):

@@ -89,7 +89,6 @@ class _ItemRun:
         self.item = item
         self.events: queue.SimpleQueue[Call | _Finished] = queue.SimpleQueue()
         self.replies: queue.SimpleQueue[_Reply | object] = queue.SimpleQueue()
-        self.started = False  # taken by a worker
         self.finished = False  # seen to end by the coordinator
         self.calls = 0  # worker side: calls handed over so far
         self.stopping = False  # worker side: _STOP received
@@ -143,7 +142,6 @@ class _Feeder:
                 return None
             run = self._runs[self._next_for_worker]
             self._next_for_worker += 1
-            run.started = True
             return run
 
     def close(self) -> list[_ItemRun]:
@@ -242,7 +240,6 @@ class Schedule:
         self._report_hang_after = report_hang_after
         self._check = check
         self._workers = [_Worker(fn, state, self._feeder) for _ in range(max_workers)]
-        self._max_workers = max_workers
         self._results: dict[int, Any] = {}
         self._errors: dict[int, BaseException] = {}
         self._issued = 0
@@ -284,7 +281,7 @@ class Schedule:
     def _loop(self) -> int:
         """Run the schedule; returns how many items had a slot."""
         slots: list[_ItemRun] = []
-        while len(slots) < self._max_workers:
+        while len(slots) < len(self._workers):
             run = self._run_for_slot(len(slots))
             if run is None:
                 break
