@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import TypeVar
 
 from _launch import gil_enabled, interpreter_summary
+
+_Key = TypeVar("_Key", bound=Hashable)
 
 __all__ = ["gil_enabled", "header", "interleaved_medians", "table"]
 
@@ -16,13 +19,13 @@ def header(title: str) -> None:
 
 
 def interleaved_medians(
-    variants: dict[str, Callable[[], object]], repeat: int, warmup: int = 1
-) -> dict[str, float]:
+    variants: dict[_Key, Callable[[], object]], repeat: int, warmup: int = 1
+) -> dict[_Key, float]:
     """Median seconds of each variant, run round-robin so drift hits all alike."""
     for _ in range(warmup):
         for fn in variants.values():
             fn()
-    samples: dict[str, list[float]] = {name: [] for name in variants}
+    samples: dict[_Key, list[float]] = {name: [] for name in variants}
     for _ in range(repeat):
         for name, fn in variants.items():
             start = time.perf_counter()

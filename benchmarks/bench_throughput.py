@@ -1,10 +1,13 @@
 """Benchmark 3: coordinator throughput, collectives per second vs workers.
 
-    python bench_throughput.py [--calls 500] [--repeat 7] [--smoke]
+    python bench_throughput.py [--calls 500] [--repeat 7] [--world-sizes 1 2] [--smoke]
 
 W items run at once, each issuing --calls tiny (1-element) all_reduces
-back to back; gloo, world size 1. The coordinator only issues, so the rate
-should grow with W until the coordinating thread itself is the limit.
+back to back; gloo. The coordinator only issues, so the rate should grow
+with W until the coordinating thread itself is the limit. The coalesced
+columns use coalesce_all_reduces=True: the calls met in one visit of the
+slots share one collective, which pays off where a collective costs more
+than the copies around it (a round trip to another rank, not world size 1).
 """
 
 from __future__ import annotations
@@ -14,7 +17,42 @@ import argparse
 import torch
 import torch.distributed as dist
 from _bench import header, interleaved_medians, table
-from torch.distributed.threading import parallel_map
+from _launch import run_ranks
+
+
+def _rank_body(calls: int, repeat: int, workers: list[int]) -> None:
+    from torch.distributed.threading import parallel_map
+
+    torch.set_num_threads(1)
+
+    def item(_: int) -> None:
+        t = torch.zeros(1)
+        for _ in range(calls):
+            dist.all_reduce(t)
+
+    def run(w: int, coalesce: bool):
+        # max_workers=1 would run inline (not intercepted): time a 1-worker
+        # schedule as one item beside an empty one.
+        if w == 1:
+            return lambda: parallel_map(lambda i: item(i) if i == 0 else None, range(2),
+                                        max_workers=2, coalesce_all_reduces=coalesce)
+        return lambda: parallel_map(item, range(w), max_workers=w,
+                                    coalesce_all_reduces=coalesce)
+
+    variants = {(w, c): run(w, c) for w in workers for c in (False, True)}
+    medians = interleaved_medians(variants, repeat=repeat)
+    if dist.get_rank() != 0:
+        return
+    header(f"coordinator throughput: gloo world {dist.get_world_size()}, {calls} tiny "
+           f"all_reduces per item, median of {repeat}")
+    base = workers[0] * calls / medians[workers[0], False]
+    rows = []
+    for w in workers:
+        rate = w * calls / medians[w, False]
+        coalesced = w * calls / medians[w, True]
+        rows.append([w, rate, rate / base, coalesced, coalesced / rate])
+    table(["workers", "all_reduces/s", "vs 1 worker", "coalesced all_reduces/s",
+           "coalesced vs not"], rows)
 
 
 def main() -> None:
@@ -23,37 +61,13 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=500)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--smoke", action="store_true", help="tiny, untimed: for CI")
     args = parser.parse_args()
     if args.smoke:
         args.calls, args.repeat, args.workers = 5, 1, [1, 2]
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-
-    def item(_: int) -> None:
-        t = torch.zeros(1)
-        for _ in range(args.calls):
-            dist.all_reduce(t)
-
-    def run(workers: int):
-        # max_workers=1 would run inline (not intercepted): time a 1-worker
-        # schedule as one item beside an empty one.
-        if workers == 1:
-            return lambda: parallel_map(lambda i: item(i) if i == 0 else None, range(2),
-                                        max_workers=2)
-        return lambda: parallel_map(item, range(workers), max_workers=workers)
-
-    medians = interleaved_medians({w: run(w) for w in args.workers}, repeat=args.repeat)
-    header(f"coordinator throughput: gloo world 1, {args.calls} tiny all_reduces per item, "
-           f"median of {args.repeat}")
-    base = None
-    rows = []
-    for w in args.workers:
-        rate = w * args.calls / medians[w]
-        base = base or rate
-        rows.append([w, rate, rate / base])
-    table(["workers", "collectives/s", "vs 1 worker"], rows)
-    dist.destroy_process_group()
+    for world in args.world_sizes:
+        run_ranks(world, "gloo", _rank_body, args.calls, args.repeat, args.workers)
 
 
 if __name__ == "__main__":

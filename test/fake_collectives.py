@@ -1,14 +1,15 @@
 """Fake collective entry points for testing the schedule in one process.
 
 Each fake calls the thread's collective hook exactly as the patched entry
-points in ``distributed_c10d.py`` do, so ``parallel_map`` hands it to the
-coordinating thread; when it really runs it appends to an ``IssueLog``
-instead of talking to other ranks.
+points in ``distributed_c10d.py`` do, so ``parallel_map`` schedules it; when it
+really runs (on the coordinating thread, or on its worker at its turn) it
+appends to an ``IssueLog`` instead of talking to other ranks.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,17 +30,38 @@ class FakeWork:
 
 @dataclass
 class IssueLog:
-    """Everything the fakes issued, in order, with the issuing thread."""
+    """Everything the fakes issued, in order, with the issuing thread.
 
+    ``overlapped`` records whether two issues ever ran at the same time, which
+    the schedule must never allow; ``hold_s`` makes each issue last that long,
+    so that an overlap would be seen.
+    """
+
+    hold_s: float = 0.0
     entries: list[tuple[Any, ...]] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
     works: list[FakeWork] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    issuing: int = 0
+    overlapped: bool = False
 
     def add(self, entry: tuple[Any, ...]) -> None:
         with self.lock:
             self.entries.append(entry)
             self.threads.append(threading.current_thread())
+            self.issuing += 1
+            self.overlapped = self.overlapped or self.issuing > 1
+        if self.hold_s:
+            time.sleep(self.hold_s)
+        with self.lock:
+            self.issuing -= 1
+
+    def issued_by_schedule(self) -> bool:
+        """One issue at a time, each on the coordinating thread or a worker."""
+        main = threading.main_thread()
+        return not self.overlapped and all(
+            t is main or t.name.startswith("parallel_map-worker") for t in self.threads
+        )
 
 
 def fake_collective(log: IssueLog, tag: Any, async_op: bool = False) -> FakeWork | None:

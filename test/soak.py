@@ -5,7 +5,8 @@
 Cases come from hypothesis strategies: per-item collective patterns (0 to 5
 calls from a mix of ops, matched send/recv pairs, async calls waited later),
 random per-item delays that differ between ranks, ``max_workers`` from 1 to
-more than the item count, and nested ``parallel_map`` in some items. Every
+more than the item count, nested ``parallel_map`` in some items, and
+all_reduce coalescing on or off. Every
 rank runs every case, checks each collective's value (values encode item,
 call and rank, so a mismatched pairing shows), and compares the sequence it
 issued with the other ranks'. Prints cases, mismatches, hangs, wall time.
@@ -52,6 +53,7 @@ CASES = st.fixed_dictionaries(
     {
         "max_workers": st.integers(1, 9),
         "nested_workers": st.integers(1, 3),
+        "coalesce": st.booleans(),  # coalesce_all_reduces, outer and nested
         "items": st.lists(_item, max_size=8),
     }
 )
@@ -81,7 +83,7 @@ class _IssueRecorder(logging.Handler):
         self._thread = threading.get_ident()
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self._thread:
+        if record.thread == self._thread and str(record.msg).startswith("issue #"):
             _, item, call, op = record.args  # type: ignore[misc]
             # A send on one rank pairs with a recv on its partner.
             self.issued.append((item, call, "p2p" if op in _P2P else op))
@@ -166,6 +168,7 @@ def _run_case(case: dict[str, Any], number: int, rank: int, world: int) -> tuple
                 lambda j: _run_ops(subs[j], key=1000 + 10 * i + j, rank=rank, world=world),
                 range(len(subs)),
                 max_workers=case["nested_workers"],
+                coalesce_all_reduces=case["coalesce"],
             )
             ok.extend(flag for sub in results for flag in sub)
         return ok
@@ -176,7 +179,9 @@ def _run_case(case: dict[str, Any], number: int, rank: int, world: int) -> tuple
     logger.setLevel(logging.DEBUG)
     logger.propagate = False  # keep the DEBUG records out of torch's console handler
     try:
-        results = parallel_map(run_item, range(len(case["items"])), max_workers=case["max_workers"])
+        results = parallel_map(run_item, range(len(case["items"])),
+                               max_workers=case["max_workers"],
+                               coalesce_all_reduces=case["coalesce"])
     finally:
         logger.removeHandler(recorder)
         logger.setLevel(logging.NOTSET)

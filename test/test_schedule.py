@@ -2,8 +2,8 @@
 """Single-process tests of parallel_map's schedule, with fake collectives.
 
 Fast: no process group. The fakes call the collective hook like the real
-entry points, and log what the coordinating thread issues, so the issue order
-can be compared with ``reference_schedule`` under random delays.
+entry points, and log what the schedule issues, so the issue order can be
+compared with ``reference_schedule`` under random delays.
 """
 
 from __future__ import annotations
@@ -78,13 +78,13 @@ def make_item(log: IssueLog, calls: list[int], delays: list[float], failing: fro
 def test_issue_order_is_the_reference_schedule(calls, max_workers, delays):
     delay = delays.draw(st.lists(st.sampled_from([0.0, 0.0005, 0.002]),
                                  min_size=len(calls), max_size=len(calls)))
-    log = IssueLog()
+    log = IssueLog(hold_s=0.0002)
     results = parallel_map(make_item(log, calls, delay, frozenset()), range(len(calls)),
                            max_workers=max_workers)
     assert results == [i * 10 for i in range(len(calls))]
     expected = reference_schedule(calls, max_workers).order
     assert [entry[1] for entry in log.entries] == expected
-    assert all(t is threading.main_thread() for t in log.threads)
+    assert log.issued_by_schedule()
     assert all(work.waited.is_set() for work in log.works)
 
 
@@ -138,6 +138,27 @@ def test_sync_collective_is_issued_async_and_waited_by_the_worker():
     assert len(log.works) == 3  # issued with async_op=True
     assert all(work.waited.is_set() for work in log.works)
     assert all(name.startswith("parallel_map-worker") for name in waited_in)
+
+
+def test_worker_issues_at_its_turn_only_when_the_coordinator_waits_for_it():
+    log = IssueLog()
+    ran_on = {}
+
+    def item(i: int) -> None:
+        ran_on[i] = threading.current_thread()
+        if i == 0:
+            time.sleep(0.2)  # the coordinator waits for this slot: it passes the turn
+            fake_collective(log, i)
+        elif i == 1:
+            fake_collective(log, i)  # ahead of its turn: handed over
+        else:
+            time.sleep(0.4)  # waited for too, but has no async form: handed over
+            fake_object_collective(log, i)
+
+    parallel_map(item, range(3), max_workers=3)
+    assert [entry[1] for entry in log.entries] == [0, 1, 2]
+    assert log.threads == [ran_on[0], threading.main_thread(), threading.main_thread()]
+    assert not log.overlapped
 
 
 def test_failing_collective_raises_in_the_worker():
@@ -212,18 +233,23 @@ def test_default_max_workers_runs():
 
 def test_nested_parallel_map_goes_through_the_outer_schedule():
     log = IssueLog()
+    outer_threads = set()
 
     def inner(j: int) -> int:
         fake_collective(log, ("inner", j))
         return j
 
     def outer(i: int) -> list[int]:
+        outer_threads.add(threading.current_thread())
         fake_collective(log, ("outer", i))
         return parallel_map(inner, range(3), max_workers=2)
 
     assert parallel_map(outer, range(3), max_workers=2) == [[0, 1, 2]] * 3
     assert len(log.entries) == 3 + 9
-    assert all(t is threading.main_thread() for t in log.threads)
+    # An inner schedule issues through the outer one: on this thread, or on an
+    # outer worker at its turn; never on an inner worker.
+    assert log.issued_by_schedule()
+    assert set(log.threads) <= outer_threads | {threading.main_thread()}
 
 
 def test_concurrent_top_level_calls_are_refused():

@@ -30,7 +30,7 @@ from torch.testing._internal.common_utils import run_tests, TestCase
 
 
 class _IssueRecorder(logging.Handler):
-    """Collects (item, call, op) of every collective this thread issues.
+    """Collects (item, call, op) of every collective this thread schedules.
 
     Nested parallel_map calls log from their own coordinating threads, which
     hand their collectives to this one: only this thread's record is what the
@@ -43,7 +43,7 @@ class _IssueRecorder(logging.Handler):
         self._thread = threading.get_ident()
 
     def emit(self, record):
-        if record.thread == self._thread:
+        if record.thread == self._thread and record.msg.startswith("issue #"):
             _, item, call, op = record.args
             self.issued.append((item, call, op))
 
@@ -221,6 +221,51 @@ class _TestsForEveryWorldSize:
                 ]
                 self.assertEqual(results, expected)
                 self._assert_same_on_every_rank((max_workers, issued))
+        self._assert_clean()
+
+
+    def test_coalesced_all_reduces_under_random_delays(self):
+        self._init()
+        ws, r = self.world_size, self.rank
+        rng = random.Random(4321 + r)
+        delays = [[rng.random() * 0.002 for _ in range(4)] for _ in range(10)]
+        kinds = [  # dtype, shape and op of a call; the last one is too big to coalesce
+            (torch.float32, (2,), dist.ReduceOp.SUM),
+            (torch.float64, (3, 1), dist.ReduceOp.SUM),
+            (torch.int64, (4,), dist.ReduceOp.MAX),
+            (torch.float32, (1,), dist.ReduceOp.SUM),
+            (torch.float32, (20_000,), dist.ReduceOp.SUM),
+        ]
+
+        def expected(i, k):
+            dtype, shape, op = kinds[(i * 3 + k) % len(kinds)]
+            base = i * 10 + k
+            value = base + ws - 1 if op == dist.ReduceOp.MAX else ws * base + ws * (ws - 1) // 2
+            return torch.full(shape, value, dtype=dtype)
+
+        def item(i):
+            out = []
+            for k in range(i % 4 + 1):
+                time.sleep(delays[i][k])
+                dtype, shape, op = kinds[(i * 3 + k) % len(kinds)]
+                t = torch.full(shape, i * 10 + k + r, dtype=dtype)
+                dist.all_reduce(t, op=op)
+                out.append(t)
+            return out
+
+        group = dist.distributed_c10d._get_default_group()
+        calls = sum(i % 4 + 1 for i in range(10))
+        for max_workers in (2, 3, 8):
+            with self.subTest(max_workers=max_workers), _recording_schedule() as issued:
+                before = group._get_sequence_number_for_group()
+                results = parallel_map(item, range(10), max_workers=max_workers,
+                                       coalesce_all_reduces=True)
+                collectives = group._get_sequence_number_for_group() - before
+                for i, out in enumerate(results):
+                    self.assertEqual(out, [expected(i, k) for k in range(i % 4 + 1)])
+                self.assertEqual(len(issued), calls)
+                self.assertLess(collectives, calls)
+                self._assert_same_on_every_rank((issued, collectives))
         self._assert_clean()
 
 

@@ -1,12 +1,14 @@
 """How a collective handed over by a worker is issued, and finished.
 
-The coordinating thread only *issues*: a collective that the worker asked for
+The schedule only *issues*: a collective that the worker asked for
 synchronously is issued asynchronously and the worker waits on the returned
 ``Work`` itself, so the coordinator is free to issue the next slot's
-collective while this one is in flight. Calls without an asynchronous form
-(object collectives, group creation, ``monitored_barrier``, functions wrapped
-with :func:`~torch.distributed.threading.coordinated`) run to completion on
-the coordinating thread.
+collective while this one is in flight. Such single asynchronous calls may
+also be issued by the worker itself, at its turn (see ``_coordinator``).
+Calls without an asynchronous form (object collectives, group creation,
+``monitored_barrier``, functions wrapped with
+:func:`~torch.distributed.threading.coordinated`) run to completion on the
+coordinating thread.
 """
 
 from __future__ import annotations
@@ -27,7 +29,12 @@ cuda_is_initialized: Callable[[], bool] = torch.cuda.is_initialized
 
 
 class _IssuePlan:
-    """Run on the coordinator (``issue``), then on the worker (``finish``)."""
+    """Run at the call's turn in the schedule (``issue``), then on the worker (``finish``)."""
+
+    def __init__(self, *, worker_may_issue: bool) -> None:
+        # Whether ``issue`` only enqueues work, so that the worker may run it
+        # itself at its turn; else it runs on the coordinating thread.
+        self.worker_may_issue = worker_may_issue
 
     def issue(self, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
         return fn(**kwargs)
@@ -71,19 +78,23 @@ class _IssueRecvAsIrecv(_IssuePlan):
         return c10d.get_global_rank(group, group_src)
 
 
-_RUN_AS_IS = _IssuePlan()
-_ASYNC_THEN_WAIT = _IssueAsyncThenWait()
-_SEND = _IssueSendAsIsend()
-_RECV = _IssueRecvAsIrecv()
+_RUN_AS_IS = _IssuePlan(worker_may_issue=False)
+_ASYNC_AS_IS = _IssuePlan(worker_may_issue=True)
+ASYNC_THEN_WAIT = _IssueAsyncThenWait(worker_may_issue=True)
+_SEND = _IssueSendAsIsend(worker_may_issue=True)
+_RECV = _IssueRecvAsIrecv(worker_may_issue=True)
 
 
 def plan_for(fn: Callable[..., Any], kwargs: dict[str, Any]) -> _IssuePlan:
-    if kwargs.get("async_op") is False:
-        return _ASYNC_THEN_WAIT
+    async_op = kwargs.get("async_op")
+    if async_op is False:
+        return ASYNC_THEN_WAIT
     if fn is c10d.send:
         return _SEND
     if fn is c10d.recv:
         return _RECV
+    if async_op is True:
+        return _ASYNC_AS_IS
     return _RUN_AS_IS
 
 

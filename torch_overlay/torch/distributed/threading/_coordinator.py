@@ -14,6 +14,20 @@ Each decision depends only on each item's own sequence of collectives and on
 order. Because the coordinator only issues, a worker blocked on its collective
 never keeps the coordinator from issuing what other ranks need first.
 
+Who runs the issue does not matter to the order, only that one thread at a
+time does, at the schedule's turn. So when the coordinator is already waiting
+for the event of the slot whose worker now calls a collective that only
+enqueues work (see ``_calls``), the coordinator passes the turn and the
+worker issues the call itself, then tells the coordinator, which only then
+moves on. That saves the worker two thread switches, most of a handover's
+cost. A call that arrives before its turn is handed over as usual.
+
+With coalescing (see ``_coalescing``), the coordinator holds back the small
+synchronous all_reduces it meets and issues them together just before it
+issues anything else, and before it waits on a slot whose call it holds:
+at the latest when its visit comes back round. Workers do not issue
+themselves then, as the held calls must go first.
+
 The threads do not wait for the schedule to hand them work: the ``W`` workers
 take items in index order as soon as they are free, so no thread idles while
 the coordinator waits on a slot. An item that runs ahead of the schedule
@@ -37,6 +51,7 @@ import torch
 from torch.distributed.distributed_c10d import _collective_hook
 
 from ._calls import Call, cuda_is_initialized, op_name, plan_for
+from ._coalescing import coalescing_key, issue_coalesced
 from ._pool import pool
 
 
@@ -65,6 +80,13 @@ class _Reply:
 
 
 @dataclass
+class _IssuedByWorker:
+    """Worker to coordinator: the worker has issued this call, at its turn."""
+
+    call: Call
+
+
+@dataclass
 class _Finished:
     """Worker to coordinator: the item ran to its end."""
 
@@ -82,13 +104,19 @@ class _ItemRun:
     ``replies`` carries the outcome of each call back, or ``_STOP``. The item
     has at most one message in flight each way, so ``_STOP`` never overtakes
     a reply the worker waits for.
+
+    ``worker_may_issue`` is the turn the coordinator passes while it waits for
+    this item's next event; the worker takes it (clears it, under
+    ``turn_lock``) to issue its call itself.
     """
 
     def __init__(self, index: int, item: Any) -> None:
         self.index = index
         self.item = item
-        self.events: queue.SimpleQueue[Call | _Finished] = queue.SimpleQueue()
+        self.events: queue.SimpleQueue[Call | _IssuedByWorker | _Finished] = queue.SimpleQueue()
         self.replies: queue.SimpleQueue[_Reply | object] = queue.SimpleQueue()
+        self.turn_lock = threading.Lock()
+        self.worker_may_issue = False
         self.finished = False  # seen to end by the coordinator
         self.calls = 0  # worker side: calls handed over so far
         self.stopping = False  # worker side: _STOP received
@@ -194,6 +222,8 @@ class _Worker:
         plan = plan_for(fn, kwargs)
         stream = torch.cuda.current_stream() if cuda_is_initialized() else None
         call = Call(fn, kwargs, plan, run.index, run.calls, stream)
+        if plan.worker_may_issue and self._take_turn(run):
+            return self._issue_here(run, call)
         self.waiting_on, self.waiting_for_issue = call, True
         run.events.put(call)
         run.calls += 1
@@ -207,6 +237,30 @@ class _Worker:
             if reply.error is not None:
                 raise reply.error
             return plan.finish(reply.value, kwargs)
+        finally:
+            self.waiting_on = None
+
+    @staticmethod
+    def _take_turn(run: _ItemRun) -> bool:
+        with run.turn_lock:
+            mine = run.worker_may_issue
+            run.worker_may_issue = False
+        return mine
+
+    def _issue_here(self, run: _ItemRun, call: Call) -> Any:
+        """Issue ``call`` on this thread at its turn, which the coordinator passed."""
+        run.calls += 1
+        self.waiting_on = call
+        # The coordinator waits for the event below before it issues anything
+        # else, so this issue is alone and in the schedule's order.
+        _collective_hook.fn = None  # issue for real, do not hand over again
+        try:
+            issued = call.plan.issue(call.fn, call.kwargs)
+        finally:
+            _collective_hook.fn = self._hand_over
+            run.events.put(_IssuedByWorker(call))
+        try:
+            return call.plan.finish(issued, call.kwargs)
         finally:
             self.waiting_on = None
 
@@ -235,10 +289,22 @@ class Schedule:
         *,
         report_hang_after: float | None = None,
         check: ScheduleCheck | None = None,
+        coalesce: bool = False,
+        pass_turns: bool = True,
     ) -> None:
         self._feeder = _Feeder(items)
         self._report_hang_after = report_hang_after
         self._check = check
+        self._coalesce = coalesce
+        # All-reduces held back to be coalesced: their runs, calls, and key.
+        self._held: list[tuple[_ItemRun, Call]] = []
+        self._held_key: tuple[Any, ...] | None = None
+        # A nested schedule issues through the outer one, from this thread;
+        # the schedule check exchanges with the other ranks before each issue,
+        # from this thread too.
+        self._pass_turns = (
+            pass_turns and not coalesce and check is None and _collective_hook.fn is None
+        )
         self._workers = [_Worker(fn, state, self._feeder) for _ in range(max_workers)]
         self._results: dict[int, Any] = {}
         self._errors: dict[int, BaseException] = {}
@@ -290,9 +356,13 @@ class Schedule:
         position = 0
         while slots:
             run = slots[position]
+            if self._held and any(held is run for held, _ in self._held):
+                self._issue_held()
             event = self._next_event(run)
             if isinstance(event, Call):
-                self._issue(run, event)
+                self._schedule(run, event)
+            elif isinstance(event, _IssuedByWorker):
+                self._count_issue(event.call)
             else:
                 run.finished = True
                 if event.error is None:
@@ -310,7 +380,18 @@ class Schedule:
             position = (position + 1) % len(slots)
         return in_slots
 
-    def _next_event(self, run: _ItemRun) -> Call | _Finished:
+    def _next_event(self, run: _ItemRun) -> Call | _IssuedByWorker | _Finished:
+        if not self._pass_turns:
+            return self._wait_for_event(run)
+        with run.turn_lock:
+            run.worker_may_issue = True
+        try:
+            return self._wait_for_event(run)
+        finally:
+            with run.turn_lock:
+                run.worker_may_issue = False
+
+    def _wait_for_event(self, run: _ItemRun) -> Call | _IssuedByWorker | _Finished:
         if self._report_hang_after is None:
             return run.events.get()
         started = time.monotonic()
@@ -342,14 +423,49 @@ class Schedule:
             self._errors[index] = self._feeder.error[1]
         return run
 
-    def _issue(self, run: _ItemRun, call: Call) -> None:
+    def _count_issue(self, call: Call) -> None:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "issue #%d: item %d call %d %s", self._issued, call.item, call.seq, op_name(call.fn)
             )
+        self._issued += 1
+
+    def _schedule(self, run: _ItemRun, call: Call) -> None:
+        """Issue ``call``, or hold it back to be coalesced."""
+        key = coalescing_key(call) if self._coalesce else None
+        if self._held and key != self._held_key:
+            self._issue_held()
+        if key is None:
+            self._issue(run, call)
+            return
         if self._check is not None:
             self._check.before_issue(self._issued, call)
-        self._issued += 1
+        self._count_issue(call)
+        self._held.append((run, call))
+        self._held_key = key
+
+    def _issue_held(self) -> None:
+        held, self._held, self._held_key = self._held, [], None
+        if len(held) == 1:
+            self._reply_to_issue(*held[0])
+            return
+        logger.debug("issue: %d all_reduces coalesced into one", len(held))
+        try:
+            parts = issue_coalesced([call for _, call in held])
+        except Exception as error:  # raised in each worker, as serial code would
+            for run, _ in held:
+                run.replies.put(_Reply(error=error))
+        else:
+            for (run, _), part in zip(held, parts, strict=True):
+                run.replies.put(_Reply(part))
+
+    def _issue(self, run: _ItemRun, call: Call) -> None:
+        if self._check is not None:
+            self._check.before_issue(self._issued, call)
+        self._count_issue(call)
+        self._reply_to_issue(run, call)
+
+    def _reply_to_issue(self, run: _ItemRun, call: Call) -> None:
         try:
             value = call.issue()
         except Exception as error:  # raised where serial code would: in the worker

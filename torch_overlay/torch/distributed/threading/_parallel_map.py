@@ -54,6 +54,7 @@ def parallel_map(
     check_schedule: bool | None = None,
     report_hang_after: float | None = 300.0,
     stream_per_worker: bool = False,
+    coalesce_all_reduces: bool = False,
 ) -> list[_R]:
     """Apply ``fn`` to every item on worker threads, with collectives made safe.
 
@@ -113,6 +114,16 @@ def parallel_map(
             for the item's afterwards, and CUDA tensors in the results are
             recorded on the caller's stream. Collectives are issued on the
             worker's stream. Ignored when CUDA is not initialized.
+        coalesce_all_reduces: Issue the synchronous ``all_reduce`` calls of
+            small tensors (up to 64 KiB each) that the calling thread meets
+            during one visit of the slots as a single ``all_reduce`` of their
+            concatenation, when they agree on group, op (one of ``SUM``,
+            ``AVG``, ``PRODUCT``, ``MIN``, ``MAX``), dtype, device and CUDA
+            stream. Each call still returns only once its tensor holds the
+            result. This saves collectives when many items reduce small
+            values such as losses or metrics, at the cost of a held call
+            waiting for up to one visit of the other slots. Every rank
+            coalesces the same calls.
 
     Returns:
         ``fn``'s results, in the order of ``iterable``.
@@ -182,7 +193,13 @@ def parallel_map(
     try:
         state = CallerState.capture(intra_op_threads, stream_per_worker)
         schedule = Schedule(
-            fn, items, max_workers, state, report_hang_after=report_hang_after, check=check
+            fn,
+            items,
+            max_workers,
+            state,
+            report_hang_after=report_hang_after,
+            check=check,
+            coalesce=coalesce_all_reduces,
         )
         return schedule.run()
     finally:

@@ -1,0 +1,116 @@
+"""Coalescing of small synchronous all_reduces into one collective.
+
+With ``coalesce_all_reduces``, the schedule holds back the synchronous
+``all_reduce`` calls of small dense tensors that it meets during one visit
+of the slots, and issues those that can share one collective (same group,
+op, dtype, device and CUDA stream) as a single ``all_reduce`` of their
+concatenation. Each worker then waits for that collective and copies its
+part back into its own tensor, so its ``all_reduce`` returns as it would
+have. When to hold and when to issue depends only on the schedule, so every
+rank coalesces the same calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, TYPE_CHECKING
+
+import torch
+import torch.distributed.distributed_c10d as c10d
+from torch.distributed.distributed_c10d import ReduceOp
+
+from ._calls import ASYNC_THEN_WAIT
+
+
+if TYPE_CHECKING:
+    from ._calls import Call
+
+
+__all__: list[str] = []
+
+# Larger tensors gain little from sharing a collective and would cost a copy.
+MAX_BYTES = 64 * 1024
+
+# Elementwise reductions only: those give the same result on a concatenation.
+_OPS = (ReduceOp.SUM, ReduceOp.AVG, ReduceOp.PRODUCT, ReduceOp.MIN, ReduceOp.MAX)
+
+
+def coalescing_key(call: Call) -> tuple[Any, ...] | None:
+    """What must agree for calls to share a collective; None if ``call`` cannot."""
+    if call.fn is not c10d.all_reduce or call.plan is not ASYNC_THEN_WAIT:
+        return None
+    tensor = call.kwargs["tensor"]
+    # Anything c10d might refuse goes alone, so that it raises as it would.
+    if type(tensor) is not torch.Tensor or not tensor.is_contiguous():
+        return None
+    if tensor.numel() * tensor.element_size() > MAX_BYTES:
+        return None
+    op = next((known for known in _OPS if call.kwargs["op"] == known), None)
+    if op is None:
+        return None
+    return (call.kwargs["group"], op, tensor.dtype, tensor.device, call.cuda_stream)
+
+
+def issue_coalesced(calls: list[Call]) -> list[Any]:
+    """Issue ``calls``, which share a key, as one all_reduce.
+
+    Returns, for each call, what its plan's ``finish`` waits on: an object
+    whose ``wait`` also copies the call's part of the result back.
+    """
+    first = calls[0]
+    tensors = [call.kwargs["tensor"] for call in calls]
+    stream = first.cuda_stream
+    on_stream = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+    with torch.no_grad(), on_stream:
+        flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
+        work = c10d.all_reduce(flat, op=first.kwargs["op"], group=first.kwargs["group"],
+                               async_op=True)
+    if work is None:  # this rank is not in the group: nothing to reduce
+        return [None] * len(calls)
+    shared = _WaitOnce(work)
+    parts: list[Any] = []
+    start = 0
+    for tensor in tensors:
+        parts.append(_Part(shared, flat, start, tensor))
+        start += tensor.numel()
+    return parts
+
+
+class _WaitOnce:
+    """The shared collective; waited for once, by the first part's worker.
+
+    On CUDA, ``wait`` makes the current stream wait for the collective. The
+    parts share one stream, and the lock orders every later part's copy
+    after that wait on it.
+    """
+
+    def __init__(self, work: Any) -> None:
+        self._work = work
+        self._lock = threading.Lock()
+        self._done = False
+
+    def wait(self) -> None:
+        with self._lock:
+            if not self._done:
+                self._work.wait()
+                self._done = True
+
+
+class _Part:
+    """One call's share of a coalesced all_reduce, as its plan's ``finish`` sees it."""
+
+    def __init__(self, shared: _WaitOnce, flat: torch.Tensor, start: int,
+                 tensor: torch.Tensor) -> None:
+        self._shared = shared
+        self._flat = flat
+        self._start = start
+        self._tensor = tensor
+
+    def wait(self) -> bool:
+        self._shared.wait()
+        tensor = self._tensor
+        part = self._flat[self._start : self._start + tensor.numel()]
+        with torch.no_grad():
+            tensor.copy_(part.view(tensor.shape))
+        return True
