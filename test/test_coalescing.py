@@ -85,12 +85,18 @@ def test_calls_that_cannot_be_coalesced_are_issued_alone():
         dist.all_reduce(small, async_op=True).wait()  # the caller holds the Work
         strided = torch.full((4, 4), float(i)).t()  # not contiguous
         dist.all_reduce(strided)
-        return big[0].item(), small[0].item(), strided[0, 0].item()
+        sparse = torch.sparse_coo_tensor([[0, 2]], [float(i), 1.0], (3,), check_invariants=True)
+        dist.all_reduce(sparse)
+        with torch.inference_mode():
+            inference = torch.full((2,), float(i))
+        dist.all_reduce(inference)
+        return [big[0].item(), small[0].item(), strided[0, 0].item(),
+                sparse.to_dense()[0].item(), inference[0].item()]
 
     results, issued = collectives_issued(item, range(4), max_workers=4,
                                          coalesce_all_reduces=True)
-    assert results == [(float(i),) * 3 for i in range(4)]
-    assert issued == 12
+    assert results == [[float(i)] * 5 for i in range(4)]
+    assert issued == 20
 
 
 def test_a_failing_coalesced_call_raises_in_every_worker_it_served():
@@ -99,26 +105,40 @@ def test_a_failing_coalesced_call_raises_in_every_worker_it_served():
         try:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # c10d refuses MAX on complex
         except ValueError as error:
-            return str(error)
+            return error
         return None
 
     try:
         dist.all_reduce(torch.ones(2, dtype=torch.complex64), op=dist.ReduceOp.MAX)
     except ValueError as error:
         serial = str(error)
-    results, _ = collectives_issued(item, range(4), max_workers=4, coalesce_all_reduces=True)
-    assert results == [serial] * 4
+    errors, _ = collectives_issued(item, range(4), max_workers=4, coalesce_all_reduces=True)
+    assert [str(error) for error in errors] == [serial] * 4
+    # Each worker raises an exception of its own: a shared one would collect
+    # every worker's traceback.
+    assert len({id(error) for error in errors}) == 4
 
 
-def test_results_keep_autograd_usable():
+# c10d's in-place all_reduce on a tensor that requires grad warns; serially too.
+@pytest.mark.filterwarnings("ignore:c10d")
+def test_autograd_sees_what_it_sees_serially():
     def item(i):
         leaf = torch.full((2,), float(i), requires_grad=True)
         dist.all_reduce(leaf)
         (leaf * 2).sum().backward()
-        return leaf.grad.tolist()
+        weight = torch.ones(2, requires_grad=True)
+        saved = torch.full((2,), float(i))
+        loss = (weight * saved).sum()  # saves `saved` for backward
+        dist.all_reduce(saved)
+        try:
+            loss.backward()
+        except RuntimeError as error:  # modified by an in-place operation
+            return leaf.grad.tolist(), saved._version, type(error).__name__
+        return leaf.grad.tolist(), saved._version, weight.grad.tolist()
 
+    serial = [item(i) for i in range(4)]
     results, _ = collectives_issued(item, range(4), max_workers=4, coalesce_all_reduces=True)
-    assert results == [[2.0, 2.0]] * 4
+    assert results == serial
 
 
 if __name__ == "__main__":

@@ -41,15 +41,24 @@ def coalescing_key(call: Call) -> tuple[Any, ...] | None:
     if call.fn is not c10d.all_reduce or call.plan is not ASYNC_THEN_WAIT:
         return None
     tensor = call.kwargs["tensor"]
-    # Anything c10d might refuse goes alone, so that it raises as it would.
-    if type(tensor) is not torch.Tensor or not tensor.is_contiguous():
+    # Anything c10d might refuse, or that a copy back could treat differently
+    # from c10d, goes alone.
+    if (
+        type(tensor) is not torch.Tensor
+        or tensor.layout != torch.strided
+        or not tensor.is_contiguous()
+        or tensor.is_inference()
+    ):
         return None
     if tensor.numel() * tensor.element_size() > MAX_BYTES:
         return None
     op = next((known for known in _OPS if call.kwargs["op"] == known), None)
     if op is None:
         return None
-    return (call.kwargs["group"], op, tensor.dtype, tensor.device, call.cuda_stream)
+    # The stream only matters on CUDA; a CPU call's recorded stream depends on
+    # whether any thread has initialized CUDA yet, which is timing.
+    stream = call.cuda_stream if tensor.is_cuda else None
+    return (call.kwargs["group"], op, tensor.dtype, tensor.device, stream)
 
 
 def issue_coalesced(calls: list[Call]) -> list[Any]:
@@ -60,7 +69,7 @@ def issue_coalesced(calls: list[Call]) -> list[Any]:
     """
     first = calls[0]
     tensors = [call.kwargs["tensor"] for call in calls]
-    stream = first.cuda_stream
+    stream = first.cuda_stream if tensors[0].is_cuda else None
     on_stream = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
     with torch.no_grad(), on_stream:
         flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
@@ -111,6 +120,7 @@ class _Part:
         self._shared.wait()
         tensor = self._tensor
         part = self._flat[self._start : self._start + tensor.numel()]
-        with torch.no_grad():
-            tensor.copy_(part.view(tensor.shape))
+        # Through .data, so that autograd's version counter stays as c10d's
+        # in-place all_reduce leaves it: a tensor saved for backward stays usable.
+        tensor.data.copy_(part.view(tensor.shape))
         return True

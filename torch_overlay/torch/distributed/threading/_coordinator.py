@@ -25,8 +25,9 @@ cost. A call that arrives before its turn is handed over as usual.
 With coalescing (see ``_coalescing``), the coordinator holds back the small
 synchronous all_reduces it meets and issues them together just before it
 issues anything else, and before it waits on a slot whose call it holds:
-at the latest when its visit comes back round. Workers do not issue
-themselves then, as the held calls must go first.
+at the latest when its visit comes back round. It passes no turn while it
+holds calls, as those must go first, and a worker never takes the turn for
+a call the coordinator would hold.
 
 The threads do not wait for the schedule to hand them work: the ``W`` workers
 take items in index order as soon as they are free, so no thread idles while
@@ -38,6 +39,7 @@ before any item that has none: waiting on a slot never waits on a free thread.
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import sys
@@ -65,6 +67,14 @@ if TYPE_CHECKING:
 __all__: list[str] = []
 
 logger = logging.getLogger(__name__)
+
+
+def _copy_of(error: Exception) -> Exception:
+    """A copy of ``error`` for another thread to raise (each raise adds to its traceback)."""
+    try:
+        return copy.copy(error)
+    except Exception:  # an exception type that cannot be rebuilt from its args
+        return error
 
 
 class CancelledError(RuntimeError):
@@ -183,10 +193,13 @@ class _Worker:
     """One worker of a call: runs items from the feeder on a pooled thread,
     handing their collectives over."""
 
-    def __init__(self, fn: Callable[[Any], Any], state: CallerState, feeder: _Feeder) -> None:
+    def __init__(
+        self, fn: Callable[[Any], Any], state: CallerState, feeder: _Feeder, coalesce: bool
+    ) -> None:
         self._fn = fn
         self._state = state
         self._feeder = feeder
+        self._coalesce = coalesce
         self._run: _ItemRun | None = None
         self.thread: threading.Thread | None = None
         # For hang reports: the call this worker waits on, and whether it is
@@ -222,7 +235,12 @@ class _Worker:
         plan = plan_for(fn, kwargs)
         stream = torch.cuda.current_stream() if cuda_is_initialized() else None
         call = Call(fn, kwargs, plan, run.index, run.calls, stream)
-        if plan.worker_may_issue and self._take_turn(run):
+        if (
+            plan.worker_may_issue
+            # A call the coordinator would hold back must reach it.
+            and not (self._coalesce and coalescing_key(call) is not None)
+            and self._take_turn(run)
+        ):
             return self._issue_here(run, call)
         self.waiting_on, self.waiting_for_issue = call, True
         run.events.put(call)
@@ -251,15 +269,15 @@ class _Worker:
         """Issue ``call`` on this thread at its turn, which the coordinator passed."""
         run.calls += 1
         self.waiting_on = call
-        # The coordinator waits for the event below before it issues anything
-        # else, so this issue is alone and in the schedule's order.
-        _collective_hook.fn = None  # issue for real, do not hand over again
         try:
-            issued = call.plan.issue(call.fn, call.kwargs)
-        finally:
-            _collective_hook.fn = self._hand_over
-            run.events.put(_IssuedByWorker(call))
-        try:
+            # The coordinator waits for the event below before it issues
+            # anything else, so this issue is alone and in the schedule's order.
+            _collective_hook.fn = None  # issue for real, do not hand over again
+            try:
+                issued = call.plan.issue(call.fn, call.kwargs)
+            finally:
+                _collective_hook.fn = self._hand_over
+                run.events.put(_IssuedByWorker(call))
             return call.plan.finish(issued, call.kwargs)
         finally:
             self.waiting_on = None
@@ -302,10 +320,8 @@ class Schedule:
         # A nested schedule issues through the outer one, from this thread;
         # the schedule check exchanges with the other ranks before each issue,
         # from this thread too.
-        self._pass_turns = (
-            pass_turns and not coalesce and check is None and _collective_hook.fn is None
-        )
-        self._workers = [_Worker(fn, state, self._feeder) for _ in range(max_workers)]
+        self._pass_turns = pass_turns and check is None and _collective_hook.fn is None
+        self._workers = [_Worker(fn, state, self._feeder, coalesce) for _ in range(max_workers)]
         self._results: dict[int, Any] = {}
         self._errors: dict[int, BaseException] = {}
         self._issued = 0
@@ -327,6 +343,8 @@ class Schedule:
             # _STOP: their next collective raises CancelledError instead of
             # being issued.
             for run in self._feeder.close():
+                with run.turn_lock:  # if Ctrl-C came while the turn was passed
+                    run.worker_may_issue = False
                 if not run.finished:
                     run.replies.put(_STOP)
             for thread in threads:
@@ -381,7 +399,8 @@ class Schedule:
         return in_slots
 
     def _next_event(self, run: _ItemRun) -> Call | _IssuedByWorker | _Finished:
-        if not self._pass_turns:
+        # Held calls go before anything else: no turn to pass while there are any.
+        if not self._pass_turns or self._held:
             return self._wait_for_event(run)
         with run.turn_lock:
             run.worker_may_issue = True
@@ -453,8 +472,8 @@ class Schedule:
         try:
             parts = issue_coalesced([call for _, call in held])
         except Exception as error:  # raised in each worker, as serial code would
-            for run, _ in held:
-                run.replies.put(_Reply(error=error))
+            for n, (run, _) in enumerate(held):
+                run.replies.put(_Reply(error=error if n == 0 else _copy_of(error)))
         else:
             for (run, _), part in zip(held, parts, strict=True):
                 run.replies.put(_Reply(part))

@@ -63,9 +63,9 @@ def parallel_map(
     (3.14t) and whenever ``fn`` spends time outside the GIL. ``fn`` may call
     ``torch.distributed`` collectives, point-to-point operations, object
     collectives, group creation and functional collectives (so DTensor): they
-    are handed to the calling thread, which issues them in an order that
-    depends only on each item's own sequence of calls and on ``max_workers``,
-    never on thread timing. Every rank therefore issues the same sequence, as
+    are handed to the calling thread, which has them issued one at a time in
+    an order that depends only on each item's own sequence of calls and on
+    ``max_workers``, never on thread timing. Every rank therefore issues the same sequence, as
     its process groups require, provided every rank calls ``parallel_map`` with
     the same items and the same ``max_workers``.
 
@@ -75,7 +75,10 @@ def parallel_map(
     allows: the worker waits for the result itself) before moving on, or the
     item's end, after which the slot takes the next item not yet started. So
     items may issue any number of collectives, and no slot waits for the
-    others to finish.
+    others to finish. When the calling thread already waits at the slot whose
+    worker calls a collective with an ``async_op`` argument, ``send`` or
+    ``recv``, it lets that worker issue the call itself at this point of the
+    schedule, which saves two thread switches.
 
     Each item runs with the caller's grad mode, inference mode, autocast state,
     current CUDA device and stream, in a copy of the caller's
@@ -119,11 +122,11 @@ def parallel_map(
             during one visit of the slots as a single ``all_reduce`` of their
             concatenation, when they agree on group, op (one of ``SUM``,
             ``AVG``, ``PRODUCT``, ``MIN``, ``MAX``), dtype, device and CUDA
-            stream. Each call still returns only once its tensor holds the
-            result. This saves collectives when many items reduce small
-            values such as losses or metrics, at the cost of a held call
-            waiting for up to one visit of the other slots. Every rank
-            coalesces the same calls.
+            stream. Each call still returns once its tensor holds the result
+            (on CUDA, in stream order, as serially). This saves collectives
+            when many items reduce small values such as losses or metrics,
+            at the cost of a held call waiting for up to one visit of the
+            other slots. Every rank coalesces the same calls.
 
     Returns:
         ``fn``'s results, in the order of ``iterable``.
