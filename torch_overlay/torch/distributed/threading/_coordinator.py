@@ -308,7 +308,6 @@ class Schedule:
         report_hang_after: float | None = None,
         check: ScheduleCheck | None = None,
         coalesce: bool = False,
-        pass_turns: bool = True,
     ) -> None:
         self._feeder = _Feeder(items)
         self._report_hang_after = report_hang_after
@@ -320,7 +319,7 @@ class Schedule:
         # A nested schedule issues through the outer one, from this thread;
         # the schedule check exchanges with the other ranks before each issue,
         # from this thread too.
-        self._pass_turns = pass_turns and check is None and _collective_hook.fn is None
+        self._pass_turns = check is None and _collective_hook.fn is None
         self._workers = [_Worker(fn, state, self._feeder, coalesce) for _ in range(max_workers)]
         self._results: dict[int, Any] = {}
         self._errors: dict[int, BaseException] = {}
