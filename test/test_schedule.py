@@ -207,8 +207,7 @@ def test_inline_runs_on_caller():
         return i
 
     assert parallel_map(item, range(3), max_workers=1) == [0, 1, 2]
-    assert parallel_map(item, [7], max_workers=4) == [7]
-    assert ran_on == [caller] * 4
+    assert ran_on == [caller] * 3
     assert log.works == []  # not intercepted: called directly, synchronously
 
 
@@ -412,6 +411,230 @@ def test_ctrl_c_on_coordinator_releases_waiting_workers():
     assert time.monotonic() - start < 5
     assert cancelled == ["CancelledError", "CancelledError"]
     assert log.entries == []
+
+
+def test_iterable_runs_on_the_caller_in_its_state_at_fixed_points():
+    # A loop advances its iterable on the calling thread, under the caller's
+    # modes and context; a collective the iterable calls (a sampler that
+    # broadcasts) must go out at the same point of the schedule every time.
+    def one_run(seed: int) -> tuple[list[tuple[object, ...]], list[object]]:
+        log = IssueLog()
+        rng = random.Random(seed)
+        delays = [rng.choice([0.0, 0.001, 0.003]) for _ in range(8)]
+        seen = []
+
+        def items():
+            for i in range(8):
+                seen.append((threading.current_thread(), torch.is_grad_enabled(), _var.get()))
+                if i % 3 == 0:
+                    fake_collective(log, ("iterable", i))
+                yield i
+
+        def item(i: int) -> int:
+            time.sleep(delays[i])
+            fake_collective(log, ("item", i))
+            return i
+
+        token = _var.set("caller value")
+        try:
+            with torch.no_grad():
+                assert parallel_map(item, items(), max_workers=3) == list(range(8))
+        finally:
+            _var.reset(token)
+        assert seen == [(threading.main_thread(), False, "caller value")] * 8
+        assert log.issued_by_schedule()
+        return [entry[1] for entry in log.entries], log.threads
+
+    orders = [one_run(seed)[0] for seed in range(8)]
+    assert all(order == orders[0] for order in orders), orders
+    assert len(orders[0]) == 8 + 3
+
+
+def test_no_item_starts_once_a_failure_is_seen():
+    ran = []
+
+    def item(i: int) -> int:
+        ran.append(i)
+        if i == 0:
+            time.sleep(0.1)  # the other worker runs ahead meanwhile
+            raise ValueError("item 0 failed")
+        return i
+
+    with pytest.raises(ValueError, match="item 0 failed"):
+        parallel_map(item, range(1000), max_workers=2)
+    # Items 0 and 1 have slots; at most max_workers more are pulled ahead.
+    assert sorted(ran) == list(range(len(ran))) and len(ran) <= 4, ran
+
+
+def test_item_runs_before_the_next_is_pulled():
+    # Serial code raises item 0's error, not the iterable's at index 1.
+    def items():
+        yield 0
+        raise KeyError("iterable broke at 1")
+
+    def item(i: int) -> int:
+        raise ValueError(f"item {i} failed")
+
+    with pytest.raises(ValueError, match="item 0 failed") as caught:
+        parallel_map(item, items(), max_workers=2)
+    assert caught.value.__notes__ == [
+        "parallel_map: item 1 also failed: KeyError: 'iterable broke at 1'"
+    ]
+
+    # A work queue that fn feeds: the next item exists only once fn has run.
+    import queue
+
+    work: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    work.put(0)
+
+    def feed(i: int) -> int:
+        work.put(i + 1 if i < 5 else None)
+        return i * 10
+
+    assert parallel_map(feed, iter(work.get, None), max_workers=3) == [0, 10, 20, 30, 40, 50]
+
+
+def test_base_exception_from_the_iterable_is_raised():
+    class Cancelled(BaseException):
+        pass
+
+    def items():
+        yield from range(6)
+        raise Cancelled("stop the loop")
+
+    with pytest.raises(Cancelled, match="stop the loop"):
+        parallel_map(lambda x: x, items(), max_workers=2)
+    # No dead thread went back to the pool: later calls run normally.
+    for _ in range(3):
+        assert parallel_map(lambda x: x + 1, range(6), max_workers=2) == list(range(1, 7))
+    assert all(t.is_alive() for t in worker_threads())
+
+
+def _refused_from_another_thread(**kwargs: object) -> list[str]:
+    inside = threading.Event()
+    release = threading.Event()
+    log = IssueLog()
+    errors = []
+
+    def slow(i: int) -> int:
+        inside.set()
+        release.wait(timeout=10)
+        return i
+
+    def other_thread():
+        inside.wait(timeout=10)
+        try:
+            parallel_map(lambda i: fake_collective(log, i), **kwargs)
+        except RuntimeError as e:
+            errors.append(str(e))
+        finally:
+            release.set()
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    assert parallel_map(slow, range(2), max_workers=2) == [0, 1]
+    t.join()
+    assert log.entries == []  # nothing of the refused call was issued
+    return errors
+
+
+def test_one_worker_or_one_item_from_another_thread_is_refused():
+    for kwargs in ({"iterable": range(3), "max_workers": 1}, {"iterable": [5], "max_workers": 4}):
+        errors = _refused_from_another_thread(**kwargs)
+        assert len(errors) == 1 and "already running on another thread" in errors[0], kwargs
+
+
+def test_parallel_map_inside_a_coordinated_function():
+    log = IssueLog()
+
+    @coordinated
+    def summary(i: int) -> list[int]:
+        # On the coordinating thread, whose schedule waits meanwhile.
+        return parallel_map(lambda j: (fake_collective(log, ("inner", i, j)), j)[1],
+                            range(3), max_workers=2)
+
+    def item(i: int) -> list[int]:
+        fake_collective(log, ("outer", i))
+        return summary(i)
+
+    assert parallel_map(item, range(3), max_workers=2) == [[0, 1, 2]] * 3
+    assert len(log.entries) == 3 + 9 and log.issued_by_schedule()
+
+
+def _drain_pool(monkeypatch) -> None:
+    monkeypatch.setattr(_pool, "IDLE_TIMEOUT_S", 0.05)
+    _wait_for_no_workers(timeout=5)
+
+
+def _wait_for_no_workers(timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while worker_threads() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not worker_threads()
+
+
+def test_ctrl_c_while_threads_start_leaves_no_thread(monkeypatch):
+    _drain_pool(monkeypatch)
+    real_start = threading.Thread.start
+    started = []
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name.startswith("parallel_map-worker"):
+            if len(started) == 2:
+                raise KeyboardInterrupt
+            started.append(thread)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(KeyboardInterrupt):
+        parallel_map(str, range(8), max_workers=4)
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    assert len(started) == 2
+    assert _wait_for_no_workers(timeout=5), "threads started before the Ctrl-C leaked"
+    assert parallel_map(str, range(3), max_workers=2) == ["0", "1", "2"]
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs pthread_kill")
+def test_second_ctrl_c_during_cleanup_leaves_no_thread(monkeypatch):
+    _drain_pool(monkeypatch)
+    log = IssueLog()
+    main = threading.main_thread().ident
+
+    def item(i: int) -> int:
+        if i == 0:
+            time.sleep(0.2)  # keep the coordinator waiting on slot 0
+            signal.pthread_kill(main, signal.SIGINT)
+            time.sleep(0.3)  # the cleanup waits for this item
+            signal.pthread_kill(main, signal.SIGINT)
+            time.sleep(0.3)
+            return i
+        fake_collective(log, i)  # cancelled
+        return i
+
+    with pytest.raises(KeyboardInterrupt):
+        parallel_map(item, range(3), max_workers=3)
+    assert _wait_for_no_workers(timeout=5), "a second Ctrl-C leaked the worker threads"
+    assert parallel_map(str, range(3), max_workers=2) == ["0", "1", "2"]
+
+
+def test_ctrl_c_right_after_claiming_the_top_level_releases_it(monkeypatch):
+    from torch.distributed.threading import _parallel_map
+
+    real_claim = _parallel_map._claim_top_level
+
+    def claim_then_interrupt() -> None:
+        real_claim()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_parallel_map, "_claim_top_level", claim_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        parallel_map(str, range(4), max_workers=2)
+    monkeypatch.setattr(_parallel_map, "_claim_top_level", real_claim)
+    results = []
+    t = threading.Thread(target=lambda: results.append(parallel_map(str, range(2), max_workers=2)))
+    t.start()
+    t.join()
+    assert results == [["0", "1"]]
 
 
 if __name__ == "__main__":

@@ -29,12 +29,19 @@ at the latest when its visit comes back round. It passes no turn while it
 holds calls, as those must go first, and a worker never takes the turn for
 a call the coordinator would hold.
 
-The threads do not wait for the schedule to hand them work: the ``W`` workers
-take items in index order as soon as they are free, so no thread idles while
-the coordinator waits on a slot. An item that runs ahead of the schedule
-simply waits at its first collective until its slot's turn. Items enter slots
-in index order too, so every item that has a slot has been taken by a thread
-before any item that has none: waiting on a slot never waits on a free thread.
+Only the coordinator advances the iterable, as the loop it replaces would:
+on the calling thread, under its modes and context, in order. It pulls the
+items for the first slots, then keeps ``W`` items pulled beyond those that
+have had a slot, pulling one more each time an item enters a slot. Those are
+points of the schedule, so a collective that the iterable itself calls goes
+out at the same point on every rank. Workers take the pulled items in index
+order as soon as they are free, so no thread idles while the coordinator
+waits on a slot. An item that runs ahead of the schedule simply waits at its
+first collective until its slot's turn. Items enter slots in index order too,
+so every item that has a slot has been taken by a thread before any item that
+has none: waiting on a slot never waits on a free thread. Once the
+coordinator has seen an item fail, workers take no item beyond those with a
+slot.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from ._caller_state import CallerState
+    from ._pool import PooledThread
     from ._schedule_check import ScheduleCheck
 
 
@@ -75,6 +83,28 @@ def _copy_of(error: Exception) -> Exception:
         return copy.copy(error)
     except Exception:  # an exception type that cannot be rebuilt from its args
         return error
+
+
+def _uninterruptible(step: Callable[[], object]) -> None:
+    """Run ``step`` to its end even if Ctrl-C comes; then raise the Ctrl-C.
+
+    ``step`` must be safe to run again from the start.
+    """
+    interrupt: BaseException | None = None
+    while True:
+        try:
+            step()
+        except KeyboardInterrupt as error:
+            interrupt = error
+            continue
+        break
+    if interrupt is not None:
+        raise interrupt
+
+
+def _retire(threads: list[PooledThread]) -> None:
+    for thread in threads:
+        thread.retire()
 
 
 class CancelledError(RuntimeError):
@@ -130,62 +160,97 @@ class _ItemRun:
         self.finished = False  # seen to end by the coordinator
         self.calls = 0  # worker side: calls handed over so far
         self.stopping = False  # worker side: _STOP received
+        self.stop_sent = False  # coordinator side: _STOP sent
 
 
 class _Feeder:
     """Hands out the items, in index order, to workers and to the schedule.
 
-    The iterable is consumed lazily and once, under a lock, by whichever side
-    needs the next item first.
+    Only the coordinating thread advances the iterable (``pull``), as a loop on
+    that thread would: under the caller's modes and context, in order, at
+    points of the schedule that do not depend on timing, so that a collective
+    the iterable itself calls is issued at the same point on every rank.
+    Workers take pulled items (``take``) and wait while there is none.
     """
 
     def __init__(self, items: Iterator[Any]) -> None:
         self._items = items
-        self._lock = threading.Lock()
+        self._ready = threading.Condition(threading.Lock())
         self._runs: list[_ItemRun] = []
         self._next_for_worker = 0
         self._exhausted = False
-        self._closed = False
+        self._limit: int | None = None  # workers take no item from this index on
         self.error: tuple[int, Exception] | None = None  # the iterable raised
 
-    def _pull(self) -> bool:
+    @property
+    def pulled(self) -> int:
+        return len(self._runs)
+
+    def pull(self) -> _ItemRun | None:
+        """Advance the iterable by one item; None at its end (or after it raised).
+
+        Called on the coordinating thread only, never under the lock: the
+        iterable may block, or call back into torch.distributed. An
+        ``Exception`` it raises is kept in ``error``, to be reported like an
+        item's failure at that index; any other ``BaseException``
+        (``KeyboardInterrupt``, ``SystemExit``) propagates, as from a loop.
+        """
         if self._exhausted:
-            return False
+            return None
         try:
             item = next(self._items)
         except StopIteration:
-            self._exhausted = True
-            return False
-        except Exception as error:  # reported like an item's failure, in order
-            self._exhausted = True
+            self._end()
+            return None
+        except Exception as error:
             self.error = (len(self._runs), error)
-            return False
-        self._runs.append(_ItemRun(len(self._runs), item))
-        return True
+            self._end()
+            return None
+        run = _ItemRun(len(self._runs), item)
+        with self._ready:
+            self._runs.append(run)
+            self._ready.notify()
+        return run
 
     def run_for_slot(self, index: int) -> _ItemRun | None:
         """The ``index``-th item's run; None when there are not that many items."""
-        with self._lock:
-            while len(self._runs) <= index:
-                if not self._pull():
-                    return None
-            return self._runs[index]
-
-    def run_for_worker(self) -> _ItemRun | None:
-        """The first item no worker has taken; None when there is none (or closed)."""
-        with self._lock:
-            if self._closed:
+        while len(self._runs) <= index:
+            if self.pull() is None:
                 return None
-            if self._next_for_worker == len(self._runs) and not self._pull():
+        return self._runs[index]
+
+    def take(self) -> _ItemRun | None:
+        """For a worker: the first item no worker has taken, waiting until one
+        is pulled; None when there will be none (or the call is closed)."""
+        with self._ready:
+            while self._next_for_worker == len(self._runs) and not self._stopped():
+                if self._exhausted:
+                    return None
+                self._ready.wait()
+            if self._stopped():
                 return None
             run = self._runs[self._next_for_worker]
             self._next_for_worker += 1
             return run
 
+    def _end(self) -> None:
+        with self._ready:
+            self._exhausted = True
+            self._ready.notify_all()
+
+    def _stopped(self) -> bool:
+        return self._limit is not None and self._next_for_worker >= self._limit
+
+    def stop_at(self, count: int) -> None:
+        """Let workers take only the first ``count`` items (those with a slot)."""
+        with self._ready:
+            self._limit = count if self._limit is None else min(count, self._limit)
+            self._ready.notify_all()
+
     def close(self) -> list[_ItemRun]:
         """Start no more items; returns those taken by workers so far."""
-        with self._lock:
-            self._closed = True
+        self.stop_at(0)
+        with self._ready:
             return self._runs[: self._next_for_worker]
 
 
@@ -213,7 +278,7 @@ class _Worker:
         own_stream = self._state.enter_worker_thread()
         _collective_hook.fn = self._hand_over
         try:
-            while (run := self._feeder.run_for_worker()) is not None:
+            while (run := self._feeder.take()) is not None:
                 self._run = run
                 try:
                     result = self._state.run(self._fn, run.item, own_stream)
@@ -326,40 +391,59 @@ class Schedule:
         self._issued = 0
 
     def run(self) -> list[Any]:
-        threads = pool.acquire(len(self._workers))
-        for thread, worker in zip(threads, self._workers, strict=True):
-            thread.submit(worker.main)
+        threads: list[PooledThread] = []
         clean = False
         try:
+            # Inside the try: a Ctrl-C while threads start must not leak them.
+            pool.acquire(len(self._workers), threads)
+            for thread, worker in zip(threads, self._workers, strict=True):
+                thread.submit(worker.main)
             in_slots = self._loop()
             if self._check is not None:
                 self._check.at_end(self._issued)
             clean = not self._errors
         finally:
-            # Normally every item taken by a worker has had a slot and ended.
-            # After a failure, or if the coordinator itself failed (Ctrl-C),
-            # items that ran ahead of the schedule, or were cut short, get
-            # _STOP: their next collective raises CancelledError instead of
-            # being issued.
-            for run in self._feeder.close():
-                with run.turn_lock:  # if Ctrl-C came while the turn was passed
-                    run.worker_may_issue = False
-                if not run.finished:
-                    run.replies.put(_STOP)
-            for thread in threads:
-                thread.wait()
-            # Threads go back to the pool only after a clean call: after a
-            # failure none outlives the call.
-            if clean:
-                pool.release(threads)
-            else:
-                for thread in threads:
-                    thread.retire()
-                for thread in threads:
-                    thread.thread.join()
+            self._shut_down(threads, clean)
         if self._errors:
             raise self._first_error()
         return [self._results[i] for i in range(in_slots)]
+
+    def _shut_down(self, threads: list[PooledThread], clean: bool) -> None:
+        """Release the workers; after a failure or an interrupt, end their threads.
+
+        What must happen for the threads to end at all (stopping the items,
+        retiring the threads) cannot be interrupted: a second Ctrl-C during it
+        is raised once it is done. Waiting for the threads to end can be: a
+        second Ctrl-C stops the wait, and the retired threads still exit as
+        soon as their item does.
+        """
+        _uninterruptible(self._stop_items)
+        if clean:
+            try:
+                for thread in threads:
+                    thread.wait()
+            except BaseException:
+                _uninterruptible(lambda: _retire(threads))
+                raise
+            pool.release(threads)
+            return
+        # After a failure no thread outlives the call.
+        _uninterruptible(lambda: _retire(threads))
+        for thread in threads:
+            thread.join()
+
+    def _stop_items(self) -> None:
+        # Normally every item taken by a worker has had a slot and ended.
+        # After a failure, or if the coordinator itself failed (Ctrl-C),
+        # items that ran ahead of the schedule, or were cut short, get
+        # _STOP: their next collective raises CancelledError instead of
+        # being issued. Idempotent, so that it can be rerun if interrupted.
+        for run in self._feeder.close():
+            with run.turn_lock:  # if Ctrl-C came while the turn was passed
+                run.worker_may_issue = False
+            if not run.finished and not run.stop_sent:
+                run.replies.put(_STOP)
+                run.stop_sent = True
 
     def _loop(self) -> int:
         """Run the schedule; returns how many items had a slot."""
@@ -370,6 +454,7 @@ class Schedule:
                 break
             slots.append(run)
         in_slots = len(slots)
+        self._pull_ahead(in_slots)
         position = 0
         while slots:
             run = slots[position]
@@ -388,14 +473,29 @@ class Schedule:
                     self._errors[run.index] = event.error
                 following = None if self._errors else self._run_for_slot(in_slots)
                 if following is None:
+                    if self._errors:  # no new item starts; those in slots finish
+                        self._feeder.stop_at(in_slots)
                     del slots[position]
                     if slots:
                         position %= len(slots)
                     continue
                 slots[position] = following
                 in_slots += 1
+                self._pull_ahead(in_slots)
             position = (position + 1) % len(slots)
         return in_slots
+
+    def _pull_ahead(self, in_slots: int) -> None:
+        """Keep up to ``max_workers`` items pulled beyond those with a slot.
+
+        Free workers take them without waiting for the schedule (an item
+        ahead of it waits at its first collective). Called only where the
+        schedule lets an item into a slot, so the iterable is advanced at the
+        same points on every rank.
+        """
+        while self._feeder.pulled < in_slots + len(self._workers):
+            if self._feeder.pull() is None:
+                return
 
     def _next_event(self, run: _ItemRun) -> Call | _IssuedByWorker | _Finished:
         # Held calls go before anything else: no turn to pass while there are any.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 import threading
 from typing import Any, TYPE_CHECKING, TypeVar
@@ -28,10 +27,35 @@ __all__ = ["coordinated", "parallel_map"]
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
-# Held by the thread coordinating a top-level parallel_map. Two top-level
-# schedules issuing into the same process groups would interleave in a
-# timing-dependent order, so a second one is refused instead.
-_top_level = threading.Lock()
+# The thread coordinating a top-level parallel_map (its ident), if any. Two
+# top-level schedules issuing into the same process groups from different
+# threads would interleave in a timing-dependent order, so a call from another
+# thread is refused instead. The owner itself may call again (from the
+# iterable, from a coordinated function, or from fn when it runs inline): its
+# schedule is paused meanwhile, so the inner call's collectives go out at a
+# fixed point of it. Only the owner sets or clears it from its own ident.
+_owner_lock = threading.Lock()
+_owner: int | None = None
+
+
+def _claim_top_level() -> None:
+    global _owner
+    me = threading.get_ident()
+    with _owner_lock:
+        if _owner is None:
+            _owner = me
+        elif _owner != me:
+            raise RuntimeError(
+                "parallel_map is already running on another thread of this process. Its "
+                "collectives and this call's would be issued in a timing-dependent order. "
+                "Call parallel_map from one thread at a time, or nest it inside fn."
+            )
+
+
+def _release_top_level() -> None:
+    global _owner
+    with _owner_lock:
+        _owner = None
 
 
 def _default_max_workers() -> int:
@@ -175,25 +199,22 @@ def parallel_map(
         raise ValueError(f"report_hang_after must be positive or None, got {report_hang_after}")
 
     nested = _collective_hook.fn is not None  # we are a worker of an outer call
-    if check_schedule is None:
-        check_schedule = dist.is_initialized() and get_debug_level() == DebugLevel.DETAIL
-    # Nested calls are checked by the outer call, whose schedule carries theirs.
-    check = ScheduleCheck(max_workers) if check_schedule and not nested else None
-
-    # One worker, or a single item: nothing to overlap, run on the caller.
-    first_two = list(itertools.islice(items, 2)) if max_workers > 1 else []
-    items = itertools.chain(first_two, items)
-    if len(first_two) < 2:
-        state = CallerState.capture(caller_threads)
-        return [state.run(fn, item) for item in items]
-
-    if not nested and not _top_level.acquire(blocking=False):
-        raise RuntimeError(
-            "parallel_map is already running on another thread of this process. Its "
-            "collectives and this call's would be issued in a timing-dependent order. "
-            "Call parallel_map from one thread at a time, or nest it inside fn."
-        )
+    # Set before anything can be interrupted: if this thread does not own the
+    # top level yet, this call releases it, whenever it has claimed it.
+    me = threading.get_ident()
+    outermost = not nested and _owner != me
     try:
+        # Refuse a call from another thread before anything communicates.
+        if not nested:
+            _claim_top_level()
+        if check_schedule is None:
+            check_schedule = dist.is_initialized() and get_debug_level() == DebugLevel.DETAIL
+        # Nested calls are checked by the outer call, whose schedule carries theirs.
+        check = ScheduleCheck(max_workers) if check_schedule and not nested else None
+        if max_workers == 1 and check is None:
+            # Nothing to overlap: run on the caller, as the loop would.
+            state = CallerState.capture(caller_threads)
+            return [state.run(fn, item) for item in items]
         state = CallerState.capture(intra_op_threads, stream_per_worker)
         schedule = Schedule(
             fn,
@@ -208,8 +229,8 @@ def parallel_map(
     finally:
         # Worker threads set the process-wide default that new threads start with.
         torch.set_num_threads(caller_threads)
-        if not nested:
-            _top_level.release()
+        if outermost and _owner == me:
+            _release_top_level()
 
 
 def coordinated(fn: Callable[..., _R]) -> Callable[..., _R]:

@@ -35,10 +35,10 @@ class PooledThread:
         self._pool = pool
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._done: queue.SimpleQueue[None] = queue.SimpleQueue()
+        # Started by the pool once the caller holds it, so that none is lost.
         self.thread = threading.Thread(
             target=self._main, name=f"parallel_map-worker-{number}", daemon=True
         )
-        self.thread.start()
 
     def submit(self, job: Callable[[], None]) -> None:
         self._jobs.put(job)
@@ -48,8 +48,12 @@ class PooledThread:
         self._done.get()
 
     def retire(self) -> None:
-        """Exit once idle; join ``thread`` to wait for it."""
+        """Exit once idle; ``join`` waits for it."""
         self._jobs.put(None)
+
+    def join(self) -> None:
+        if self.thread.ident is not None:  # started
+            self.thread.join()
 
     def _main(self) -> None:
         while True:
@@ -63,7 +67,8 @@ class PooledThread:
                 return
             try:
                 job()
-            except Exception:  # a bug of ours, not an item's error: those the job reports
+            except BaseException:  # a bug of ours, not an item's error: those the job reports
+                # Even a BaseException: a dead thread back in the pool would hang a later call.
                 logger.exception("parallel_map worker failed")
             finally:
                 del job  # drop the call's objects before idling
@@ -79,13 +84,21 @@ class WorkerPool:
         self._numbers = itertools.count()
         os.register_at_fork(after_in_child=self._forget)
 
-    def acquire(self, count: int) -> list[PooledThread]:
+    def acquire(self, count: int, into: list[PooledThread]) -> None:
+        """Append ``count`` threads to ``into``, idle ones first.
+
+        Each thread is in ``into`` before it runs, so that a caller
+        interrupted here (Ctrl-C) still finds, and retires, every thread.
+        """
         with self._lock:
             self._idle = [t for t in self._idle if t.thread.is_alive()]
             reused = self._idle[len(self._idle) - min(count, len(self._idle)):]
+            into.extend(reused)
             del self._idle[len(self._idle) - len(reused):]
-        fresh = [PooledThread(self, next(self._numbers)) for _ in range(count - len(reused))]
-        return reused + fresh
+        while len(into) < count:
+            thread = PooledThread(self, next(self._numbers))
+            into.append(thread)
+            thread.thread.start()
 
     def release(self, threads: list[PooledThread]) -> None:
         with self._lock:
