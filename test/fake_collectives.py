@@ -13,7 +13,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch.distributed.distributed_c10d import _collective_hook
+from torch.overrides import _get_current_function_mode_stack
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+
+def issue_state() -> tuple[Any, ...]:
+    """The thread-local state a collective issued now would run under."""
+    return (
+        torch.is_grad_enabled(),
+        torch.is_inference_mode_enabled(),
+        tuple(_get_current_function_mode_stack()),
+        tuple(_get_current_dispatch_mode_stack()),
+    )
 
 
 @dataclass
@@ -41,6 +54,8 @@ class IssueLog:
     entries: list[tuple[Any, ...]] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
     works: list[FakeWork] = field(default_factory=list)
+    # (grad mode, inference mode, function modes, dispatch modes) at each issue.
+    states: list[tuple[Any, ...]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     issuing: int = 0
     overlapped: bool = False
@@ -49,6 +64,7 @@ class IssueLog:
         with self.lock:
             self.entries.append(entry)
             self.threads.append(threading.current_thread())
+            self.states.append(issue_state())
             self.issuing += 1
             self.overlapped = self.overlapped or self.issuing > 1
         if self.hold_s:

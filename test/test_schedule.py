@@ -22,8 +22,12 @@ from hypothesis import given, settings, strategies as st
 from torch.distributed.distributed_c10d import _collective_hook
 from torch.distributed.threading import _pool, coordinated, parallel_map
 
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from fake_collectives import (
     IssueLog,
+    issue_state,
     fake_collective,
     fake_failing_collective,
     fake_object_collective,
@@ -635,6 +639,57 @@ def test_ctrl_c_right_after_claiming_the_top_level_releases_it(monkeypatch):
     t.start()
     t.join()
     assert results == [["0", "1"]]
+
+
+class _PassThroughFunctionMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _PassThroughDispatchMode(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_collectives_are_issued_under_the_items_modes():
+    # Whoever issues (the coordinator, or a worker at its turn) issues under
+    # the calling item's grad mode, inference mode and mode stacks, as the
+    # item itself would have: the caller's, as changed by the item.
+    log = IssueLog()
+    function_mode, dispatch_mode = _PassThroughFunctionMode(), _PassThroughDispatchMode()
+
+    def item(i: int) -> tuple[object, ...]:
+        time.sleep(0.05 if i % 2 else 0)  # some issue at their turn, some are handed over
+        fake_collective(log, (i, 0))
+        with torch.no_grad():
+            fake_object_collective(log, (i, 1))  # always handed over
+            fake_collective(log, (i, 2))
+        return issue_state()
+
+    with function_mode, dispatch_mode:
+        in_items = parallel_map(item, range(6), max_workers=3)
+    caller = (True, False, (function_mode,), (dispatch_mode,))
+    assert in_items == [caller] * 6
+    by_tag = dict(zip([entry[1] for entry in log.entries], log.states, strict=True))
+    for i in range(6):
+        assert by_tag[(i, 0)] == caller, i
+        assert by_tag[(i, 1)] == by_tag[(i, 2)] == (False, *caller[1:]), i
+    assert issue_state() == (True, False, (), ())  # the caller's stacks are restored
+
+
+def test_autocast_off_is_enforced_on_reused_threads():
+    def leave_autocast_on(i: int) -> int:
+        torch.set_autocast_enabled("cpu", True)  # a careless item: never turned off
+        return i
+
+    def matmul_dtype(i: int) -> torch.dtype:
+        return (torch.ones(4, 4) @ torch.ones(4, 4)).dtype
+
+    assert parallel_map(leave_autocast_on, range(4), max_workers=2) == [0, 1, 2, 3]
+    # The same threads serve this call; the caller has autocast off.
+    assert parallel_map(matmul_dtype, range(4), max_workers=2) == [torch.float32] * 4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert parallel_map(matmul_dtype, range(4), max_workers=2) == [torch.bfloat16] * 4
 
 
 if __name__ == "__main__":

@@ -449,6 +449,36 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
             )
         self._assert_clean()
 
+    def test_collectives_run_under_the_items_modes(self):
+        # A mode the caller entered sees every collective of the items once,
+        # whoever issues it, and a functional collective under an item's
+        # no_grad gives a tensor that does not require grad, as serially.
+        self._init()
+        from torch.distributed.tensor.debug import CommDebugMode
+
+        r = self.rank
+        world = dist.group.WORLD
+        delays = [random.Random(99 + r).random() * 0.004 for _ in range(10)]
+
+        def item(i):
+            for k in range(4):
+                time.sleep(delays[i] * (k % 2))
+                t = _full(i + r)
+                if k % 2:
+                    dist.all_reduce(t, async_op=True).wait()
+                else:
+                    dist.all_reduce(t)
+            x = _full(i + r).requires_grad_()
+            with torch.no_grad():
+                y = funcol.all_reduce(x, "sum", world)
+                return y.requires_grad, y.numpy().tolist()
+
+        with CommDebugMode() as comm:
+            results = parallel_map(item, range(10), max_workers=3)
+        self.assertEqual(results, [(False, [2.0 * i + 1] * 2) for i in range(10)])
+        self.assertEqual(comm.get_total_counts(), 10 * 5)
+        self._assert_clean()
+
     def test_symmetric_failure(self):
         self._init()
         ws = self.world_size

@@ -1,4 +1,17 @@
-"""The caller's thread-local state that every item of ``parallel_map`` runs under."""
+"""The thread-local state that items of ``parallel_map``, and their collectives, run under.
+
+Every item runs under the state the caller's loop would have given it: grad
+and inference mode, the full autocast state (enabled or not, for every
+device type), the ``__torch_function__`` and ``__torch_dispatch__`` mode
+stacks, the CUDA device and stream, and a copy of the caller's context.
+
+A collective an item calls runs under the *item's* grad mode, inference mode
+and mode stacks at the point of the call, whichever thread issues it: the
+worker captures them (``ItemModes``) and the coordinator, which has the
+caller's, issues under them instead. So a functional collective's output
+under an item's ``no_grad`` does not require grad, and a mode that the caller
+(or the item) entered sees every collective exactly once, as serially.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +27,7 @@ from ._calls import cuda_is_initialized
 
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
 
 __all__: list[str] = []
@@ -24,30 +37,112 @@ __all__: list[str] = []
 _AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla")
 
 
-def _autocast_state() -> tuple[tuple[str, torch.dtype], ...]:
-    enabled = []
-    device_types = {*_AUTOCAST_DEVICE_TYPES, torch._C._get_privateuse1_backend_name()}
-    for device_type in sorted(device_types):
+def _device_types() -> list[str]:
+    return sorted({*_AUTOCAST_DEVICE_TYPES, torch._C._get_privateuse1_backend_name()})
+
+
+def _autocast_state() -> tuple[tuple[str, bool, torch.dtype], ...]:
+    """(device type, enabled, dtype) for every device type this build knows."""
+    state = []
+    for device_type in _device_types():
         try:
-            if torch.is_autocast_enabled(device_type):
-                enabled.append((device_type, torch.get_autocast_dtype(device_type)))
+            enabled = torch.is_autocast_enabled(device_type)
+            state.append((device_type, enabled, torch.get_autocast_dtype(device_type)))
         except RuntimeError:  # device type unknown to this build
             continue
-    return tuple(enabled)
+    return tuple(state)
+
+
+def _function_modes() -> tuple[Any, ...]:
+    count = torch._C._len_torch_function_stack()
+    return tuple(torch._C._get_function_stack_at(i) for i in range(count)) if count else ()
+
+
+def _dispatch_modes() -> tuple[Any, ...]:
+    count = torch._C._len_torch_dispatch_stack()
+    return tuple(torch._C._get_dispatch_stack_at(i) for i in range(count)) if count else ()
+
+
+def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+@contextlib.contextmanager
+def _mode_stacks(function_modes: tuple[Any, ...],
+                 dispatch_modes: tuple[Any, ...]) -> Iterator[None]:
+    """Run with this thread's mode stacks replaced by the given ones (bottom first).
+
+    The modes are pushed as they are, not entered: they are already active
+    on the thread they come from.
+    """
+    old_function, old_dispatch = _function_modes(), _dispatch_modes()
+    if _same(old_function, function_modes) and _same(old_dispatch, dispatch_modes):
+        yield
+        return
+    _replace_stacks(old_function, old_dispatch, function_modes, dispatch_modes)
+    try:
+        yield
+    finally:
+        _replace_stacks(_function_modes(), _dispatch_modes(), old_function, old_dispatch)
+
+
+def _replace_stacks(old_function: tuple[Any, ...], old_dispatch: tuple[Any, ...],
+                    function_modes: tuple[Any, ...], dispatch_modes: tuple[Any, ...]) -> None:
+    for _ in old_function:
+        torch._C._pop_torch_function_stack()
+    for _ in old_dispatch:
+        torch._C._pop_torch_dispatch_stack(None)
+    for mode in function_modes:
+        torch._C._push_on_torch_function_stack(mode)
+    for mode in dispatch_modes:
+        torch._C._push_on_torch_dispatch_stack(mode)
+
+
+@dataclass(frozen=True)
+class ItemModes:
+    """An item's modes at one of its collectives, to issue it under them."""
+
+    grad_enabled: bool
+    inference_mode: bool
+    function_modes: tuple[Any, ...]
+    dispatch_modes: tuple[Any, ...]
+
+    @classmethod
+    def capture(cls) -> ItemModes:
+        return cls(
+            torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(),
+            _function_modes(),
+            _dispatch_modes(),
+        )
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """Make them this thread's for the duration (cheap when they already are)."""
+        with contextlib.ExitStack() as stack:
+            if torch.is_inference_mode_enabled() != self.inference_mode:
+                stack.enter_context(torch.inference_mode(self.inference_mode))
+            if torch.is_grad_enabled() != self.grad_enabled:
+                stack.enter_context(torch.set_grad_enabled(self.grad_enabled))
+            stack.enter_context(_mode_stacks(self.function_modes, self.dispatch_modes))
+            yield
 
 
 @dataclass(frozen=True)
 class CallerState:
     """Thread-local state of the thread that called ``parallel_map``.
 
-    Grad mode, inference mode, autocast, the current CUDA device and stream are
-    all per-thread in PyTorch, so a fresh worker thread would otherwise run
-    ``fn`` with defaults instead of what the caller's loop would have used.
+    Grad mode, inference mode, autocast, the mode stacks, the current CUDA
+    device and stream are all per-thread in PyTorch, so a worker thread would
+    otherwise run ``fn`` with defaults (or what an earlier item left behind)
+    instead of what the caller's loop would have used.
     """
 
     grad_enabled: bool
     inference_mode: bool
-    autocast: tuple[tuple[str, torch.dtype], ...]
+    autocast: tuple[tuple[str, bool, torch.dtype], ...]
+    function_modes: tuple[Any, ...]
+    dispatch_modes: tuple[Any, ...]
     cuda_stream: torch.cuda.Stream | None
     context: contextvars.Context
     intra_op_threads: int
@@ -62,6 +157,8 @@ class CallerState:
             grad_enabled=torch.is_grad_enabled(),
             inference_mode=torch.is_inference_mode_enabled(),
             autocast=_autocast_state(),
+            function_modes=_function_modes(),
+            dispatch_modes=_dispatch_modes(),
             cuda_stream=cuda_stream,
             context=contextvars.copy_context(),
             intra_op_threads=intra_op_threads,
@@ -119,6 +216,12 @@ class CallerState:
             if self.inference_mode:
                 stack.enter_context(torch.inference_mode())
             stack.enter_context(torch.set_grad_enabled(self.grad_enabled))
-            for device_type, dtype in self.autocast:
-                stack.enter_context(torch.autocast(device_type, dtype=dtype))
+            # The whole state, enabled or not: a pooled thread may carry what
+            # an earlier item left on.
+            for device_type, enabled, dtype in self.autocast:
+                if torch.is_autocast_enabled(device_type) != enabled or (
+                    enabled and torch.get_autocast_dtype(device_type) != dtype
+                ):
+                    stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
+            stack.enter_context(_mode_stacks(self.function_modes, self.dispatch_modes))
             return fn(item)

@@ -13,12 +13,17 @@ coordinating thread.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import torch
 import torch.distributed.distributed_c10d as c10d
+
+
+if TYPE_CHECKING:
+    from ._caller_state import ItemModes
 
 
 __all__: list[str] = []
@@ -112,12 +117,17 @@ class Call:
     item: int
     seq: int
     cuda_stream: torch.cuda.Stream | None
+    # The item's grad/inference mode and mode stacks at the call.
+    modes: ItemModes | None = None
 
     def issue(self) -> Any:
-        """Issue on the coordinating thread, on the worker's CUDA stream."""
-        if self.cuda_stream is None:
-            return self.plan.issue(self.fn, self.kwargs)
-        with torch.cuda.stream(self.cuda_stream):
+        """Issue on the coordinating thread, on the worker's CUDA stream,
+        under the calling item's modes."""
+        with contextlib.ExitStack() as stack:
+            if self.modes is not None:
+                stack.enter_context(self.modes.applied())
+            if self.cuda_stream is not None:
+                stack.enter_context(torch.cuda.stream(self.cuda_stream))
             return self.plan.issue(self.fn, self.kwargs)
 
 

@@ -3,7 +3,7 @@
 With ``coalesce_all_reduces``, the schedule holds back the synchronous
 ``all_reduce`` calls of small dense tensors that it meets during one visit
 of the slots, and issues those that can share one collective (same group,
-op, dtype, device and CUDA stream) as a single ``all_reduce`` of their
+op, dtype, device, CUDA stream and mode stacks) as a single ``all_reduce`` of their
 concatenation. Each worker then waits for that collective and copies its
 part back into its own tensor, so its ``all_reduce`` returns as it would
 have. When to hold and when to issue depends only on the schedule, so every
@@ -58,7 +58,11 @@ def coalescing_key(call: Call) -> tuple[Any, ...] | None:
     # The stream only matters on CUDA; a CPU call's recorded stream depends on
     # whether any thread has initialized CUDA yet, which is timing.
     stream = call.cuda_stream if tensor.is_cuda else None
-    return (call.kwargs["group"], op, tensor.dtype, tensor.device, stream)
+    # The collective goes out under the first call's mode stacks: they must agree.
+    modes: tuple[int, ...] = ()
+    if call.modes is not None:
+        modes = tuple(map(id, (*call.modes.function_modes, *call.modes.dispatch_modes)))
+    return (call.kwargs["group"], op, tensor.dtype, tensor.device, stream, modes)
 
 
 def issue_coalesced(calls: list[Call]) -> list[Any]:
@@ -71,7 +75,8 @@ def issue_coalesced(calls: list[Call]) -> list[Any]:
     tensors = [call.kwargs["tensor"] for call in calls]
     stream = first.cuda_stream if tensors[0].is_cuda else None
     on_stream = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-    with torch.no_grad(), on_stream:
+    modes = first.modes.applied() if first.modes is not None else contextlib.nullcontext()
+    with modes, torch.no_grad(), on_stream:
         flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
         work = c10d.all_reduce(flat, op=first.kwargs["op"], group=first.kwargs["group"],
                                async_op=True)

@@ -59,6 +59,7 @@ from typing import Any, TYPE_CHECKING
 import torch
 from torch.distributed.distributed_c10d import _collective_hook
 
+from ._caller_state import ItemModes
 from ._calls import Call, cuda_is_initialized, op_name, plan_for
 from ._coalescing import coalescing_key, issue_coalesced
 from ._pool import pool
@@ -299,7 +300,7 @@ class _Worker:
             raise CancelledError("parallel_map is stopping; this collective was not issued")
         plan = plan_for(fn, kwargs)
         stream = torch.cuda.current_stream() if cuda_is_initialized() else None
-        call = Call(fn, kwargs, plan, run.index, run.calls, stream)
+        call = Call(fn, kwargs, plan, run.index, run.calls, stream, ItemModes.capture())
         if (
             plan.worker_may_issue
             # A call the coordinator would hold back must reach it.
