@@ -692,5 +692,61 @@ def test_autocast_off_is_enforced_on_reused_threads():
         assert parallel_map(matmul_dtype, range(4), max_workers=2) == [torch.bfloat16] * 4
 
 
+def test_coordinated_in_a_nested_call_reaches_the_outermost_schedule():
+    def one_run(seed: int) -> list[tuple[int, int]]:
+        rng = random.Random(seed)
+        delays = {(i, j): rng.choice([0.0, 0.002]) for i in range(3) for j in range(4)}
+        order = []
+        running = []
+
+        @coordinated
+        def record(i: int, j: int) -> None:
+            running.append(1)
+            assert len(running) == 1, "coordinated calls overlapped"
+            order.append((i, j, threading.current_thread()))
+            time.sleep(0.001)
+            running.pop()
+
+        def inner(i: int, j: int) -> int:
+            time.sleep(delays[(i, j)])
+            record(i, j)
+            return j
+
+        def outer(i: int) -> list[int]:
+            return parallel_map(lambda j: inner(i, j), range(4), max_workers=2)
+
+        assert parallel_map(outer, range(3), max_workers=3) == [[0, 1, 2, 3]] * 3
+        assert {t for _, _, t in order} == {threading.main_thread()}
+        return [(i, j) for i, j, _ in order]
+
+    orders = [one_run(seed) for seed in range(6)]
+    assert all(order == orders[0] for order in orders), orders
+
+
+@pytest.fixture
+def world_of_one():
+    """A real gloo process group of one rank, in this process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_send_to_self_keeps_sends_own_error(world_of_one):
+    import torch.distributed as dist
+
+    def send_to_self(_: int) -> str:
+        with pytest.raises(ValueError) as caught:
+            dist.send(torch.ones(2), dst=0)
+        return str(caught.value)
+
+    serial = send_to_self(0)
+    assert "Invalid destination rank" in serial
+    assert parallel_map(send_to_self, range(4), max_workers=2) == [serial] * 4
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -20,6 +20,7 @@ from typing import Any, TYPE_CHECKING
 
 import torch
 import torch.distributed.distributed_c10d as c10d
+from torch.distributed.distributed_c10d import _collective_hook
 
 
 if TYPE_CHECKING:
@@ -61,7 +62,11 @@ class _IssueAsyncThenWait(_IssuePlan):
 
 class _IssueSendAsIsend(_IssueAsyncThenWait):
     def issue(self, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
-        return c10d.isend(**kwargs)
+        # send's own argument check, which isend (it may send to itself) lacks.
+        group = c10d._group_or_default_group(kwargs["group"])
+        group_dst = c10d._canonicalize_group_rank(group, kwargs["dst"], kwargs["group_dst"])
+        c10d._check_not_self_rank(group, group_dst, "destination")
+        return c10d.isend(kwargs["tensor"], group=group, tag=kwargs["tag"], group_dst=group_dst)
 
 
 class _IssueRecvAsIrecv(_IssuePlan):
@@ -80,6 +85,7 @@ class _IssueRecvAsIrecv(_IssuePlan):
         if group_src is None:
             group_src = issued._source_rank()
         group = c10d._group_or_default_group(kwargs["group"])
+        c10d._check_not_self_rank(group, group_src, "source")  # as recv does
         return c10d.get_global_rank(group, group_src)
 
 
@@ -134,5 +140,12 @@ class Call:
 def call_coordinated(
     target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
-    """Entry point that :func:`coordinated` hands to the collective hook."""
+    """Entry point that :func:`coordinated` hands to the collective hook.
+
+    Like a collective, it goes to the outermost schedule: the coordinating
+    thread of a nested ``parallel_map`` is a worker of the outer one, so
+    there it is handed on through that thread's hook.
+    """
+    if (hook := _collective_hook.fn) is not None:
+        return hook(call_coordinated, target=target, args=args, kwargs=kwargs)
     return target(*args, **kwargs)
