@@ -748,5 +748,53 @@ def test_send_to_self_keeps_sends_own_error(world_of_one):
     assert parallel_map(send_to_self, range(4), max_workers=2) == [serial] * 4
 
 
+def test_recv_returns_the_senders_global_rank(world_of_one, monkeypatch):
+    # recv is issued as irecv; its finish must turn what irecv's Work knows
+    # into recv's return value. A fake irecv and a fake group-to-global map
+    # (group rank + 10) let one process check every case.
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    class FakeRecvWork:
+        def wait(self) -> bool:
+            return True
+
+        def _source_rank(self) -> int:
+            return 3
+
+    def fake_irecv(tensor, src=None, group=None, tag=0, group_src=None):
+        return None if tag == 99 else FakeRecvWork()  # None: not in the group
+
+    monkeypatch.setattr(c10d, "irecv", fake_irecv)
+    monkeypatch.setattr(c10d, "get_global_rank", lambda group, rank: rank + 10)
+    calls = [{"src": 5}, {"group_src": 2}, {}, {"tag": 99}]
+
+    def item(i: int) -> int:
+        return dist.recv(torch.zeros(1), **calls[i])
+
+    assert parallel_map(item, range(4), max_workers=2) == [5, 12, 13, -1]
+
+
+def test_no_turn_is_passed_while_calls_are_held(world_of_one):
+    # The coordinator holds item 0's all_reduce to coalesce it; item 1's later
+    # call must not be issued by its worker at its turn, ahead of the held
+    # one: the coordinator issues both, the held one first.
+    import torch.distributed as dist
+
+    log = IssueLog()
+    reduced = torch.ones(2)
+
+    def item(i: int) -> None:
+        if i == 0:
+            dist.all_reduce(reduced)
+        else:
+            time.sleep(0.2)  # the coordinator waits on this slot, holding item 0's call
+            fake_collective(log, i)
+
+    parallel_map(item, range(2), max_workers=2, coalesce_all_reduces=True)
+    assert log.threads == [threading.main_thread()]
+    assert torch.equal(reduced, torch.ones(2))
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

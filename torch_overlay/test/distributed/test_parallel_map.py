@@ -479,6 +479,32 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         self.assertEqual(comm.get_total_counts(), 10 * 5)
         self._assert_clean()
 
+    def test_coalescing_keeps_process_groups_apart(self):
+        # All-reduces alternate between the world group and a group of this
+        # rank alone: only calls of the same group may share a collective.
+        self._init()
+        ws, r = self.world_size, self.rank
+        mine, _ = dist.new_subgroups(group_size=1)
+        delays = [random.Random(7 + r).random() * 0.002 for _ in range(8)]
+
+        def item(i):
+            out = []
+            for k in range(4):
+                time.sleep(delays[i] * (k % 2))
+                t = _full(i * 10 + k + r)
+                dist.all_reduce(t, group=mine if (i + k) % 2 else None)
+                out.append(t[0].item())
+            return out
+
+        results = parallel_map(item, range(8), max_workers=4, coalesce_all_reduces=True)
+        expected = [
+            [i * 10 + k + r if (i + k) % 2 else ws * (i * 10 + k) + ws * (ws - 1) // 2
+             for k in range(4)]
+            for i in range(8)
+        ]
+        self.assertEqual(results, expected)
+        self._assert_clean()
+
     def test_symmetric_failure(self):
         self._init()
         ws = self.world_size
