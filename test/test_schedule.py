@@ -796,5 +796,33 @@ def test_no_turn_is_passed_while_calls_are_held(world_of_one):
     assert torch.equal(reduced, torch.ones(2))
 
 
+def test_hang_report_explains_items_that_wait_for_each_other(caplog):
+    # Item 1 waits for an event that item 0 sets only after its second
+    # collective, which the schedule issues only after item 1's next event:
+    # a deadlock that serial code would not have (the wait times out here).
+    log = IssueLog()
+    after_second = threading.Event()
+
+    def item(i: int) -> bool:
+        if i == 0:
+            fake_collective(log, (0, 0))
+            fake_collective(log, (0, 1))
+            after_second.set()
+            return True
+        return after_second.wait(timeout=1.0)
+
+    with caplog.at_level("WARNING", logger="torch.distributed.threading"):
+        assert parallel_map(item, range(2), max_workers=2, report_hang_after=0.3) == [True, False]
+    reports = [r.getMessage() for r in caplog.records if "has waited" in r.getMessage()]
+    assert reports
+    assert "item 1: running fn" in reports[0]
+    assert "item 0: waiting for the coordinator to issue fake_collective (item 0, call 1)" in reports[0]
+    assert (
+        "Item 1 is running fn; the schedule issues the waiting calls of items 0 only after "
+        "item 1's next collective or its end." in reports[0]
+    )
+    assert "items must not wait for each other" in reports[0]
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

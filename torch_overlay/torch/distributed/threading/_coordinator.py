@@ -348,6 +348,10 @@ class _Worker:
         finally:
             self.waiting_on = None
 
+    def item_index(self) -> int | None:
+        run = self._run
+        return None if run is None else run.index
+
     def describe(self) -> str:
         """One line for a hang report; read racily from the coordinator."""
         run, call, for_issue = self._run, self.waiting_on, self.waiting_for_issue
@@ -533,7 +537,28 @@ class Schedule:
             frame = frames.get(thread.ident or -1) if thread else None
             if frame is not None and state != "idle":
                 lines.extend("    " + line.rstrip() for line in traceback.format_stack(frame))
+        lines.extend(self._explain_wait(run))
         logger.warning("\n".join(lines))
+
+    def _explain_wait(self, run: _ItemRun) -> list[str]:
+        """What a hang report says about items that may wait for each other."""
+        awaited = [w for w in self._workers if w.item_index() == run.index]
+        if not awaited or awaited[0].waiting_on is not None:
+            return []  # the awaited item is itself in a collective
+        queued = sorted(
+            index for w in self._workers
+            if w.waiting_for_issue and (index := w.item_index()) is not None
+        )
+        if not queued:
+            return []
+        others = ", ".join(map(str, queued))
+        return [
+            f"Item {run.index} is running fn; the schedule issues the waiting calls of "
+            f"items {others} only after item {run.index}'s next collective or its end. "
+            f"If item {run.index} waits for something that one of those items does after "
+            "its call (an event, a queue, a lock), this is a deadlock: items must not "
+            "wait for each other (see the limits of parallel_map)."
+        ]
 
     def _run_for_slot(self, index: int) -> _ItemRun | None:
         run = self._feeder.run_for_slot(index)

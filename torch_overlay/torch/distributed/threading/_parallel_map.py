@@ -104,21 +104,40 @@ def parallel_map(
     ``recv``, it lets that worker issue the call itself at this point of the
     schedule, which saves two thread switches.
 
-    Each item runs with the caller's grad mode, inference mode, autocast state,
-    current CUDA device and stream, in a copy of the caller's
-    :mod:`contextvars` context. Each worker thread uses
+    Each item runs with the caller's grad mode, inference mode, autocast state
+    (enabled or not), ``__torch_function__`` and ``__torch_dispatch__`` mode
+    stacks, current CUDA device and stream, in a copy of the caller's
+    :mod:`contextvars` context; each of its collectives (and
+    :func:`coordinated` calls) runs under the item's modes at that call,
+    whichever thread issues it. Each worker thread uses
     ``intra_op_threads`` threads for intra-op parallelism. After a call that
     succeeded, the worker threads idle for up to a second, holding nothing,
     so that back-to-back calls reuse them; after a failure they have exited
     by the time the exception is raised.
 
+    Only the calling thread advances ``iterable``, in order, under its own
+    modes and context, and at fixed points of the schedule: the items of the
+    first slots, then one more each time an item enters a slot, keeping up to
+    ``max_workers`` items pulled ahead for free workers. A collective the
+    iterable calls is thus issued at the same point on every rank; while it
+    runs nothing else is issued, so it must not wait for something an item
+    does after a collective.
+
+    Limits: items share the global random number generators, so random
+    draws that decide an item's collectives can differ between ranks; give
+    each item its own generator seeded from its index. Items must not wait
+    for each other: an item's collective is issued only at its slot's turn,
+    so an item waiting for another's later work can deadlock where the
+    loop would not (the hang report says so).
+
     Args:
         fn: Called once per item, on a worker thread.
-        iterable: The items; consumed once, lazily, on the calling thread.
+        iterable: The items; consumed once, lazily, on the calling thread,
+            up to ``max_workers`` items ahead of the schedule.
         max_workers: Number of worker threads. Must be the same on every
             rank. Defaults to the CPUs available to this process divided by
-            ``LOCAL_WORLD_SIZE`` (set by torchrun), at most 32. With 1, or a
-            single item, ``fn`` runs on the calling thread.
+            ``LOCAL_WORLD_SIZE`` (set by torchrun), at most 32. With 1 (and
+            no ``check_schedule``), ``fn`` runs on the calling thread.
         intra_op_threads: Intra-op threads per worker (see
             :func:`torch.set_num_threads`). Defaults to the caller's count
             divided by ``max_workers``, at least 1, so that the workers
@@ -159,12 +178,17 @@ def parallel_map(
         TypeError: ``fn`` is not callable or ``iterable`` is not iterable.
         ValueError: ``max_workers`` or ``intra_op_threads`` is less than 1,
             or ``report_hang_after`` is not positive.
-        RuntimeError: another thread is running a ``parallel_map`` that is not
-            an enclosing one.
-        Exception: The exception of the lowest-index item that failed; the
-            failures of other items are attached as notes. Once an item
-            fails, no new item starts; items already running finish, so that
-            their collectives still match those of the other ranks.
+        RuntimeError: another thread is running a top-level ``parallel_map``;
+            refused before anything is communicated.
+        Exception: The exception of the lowest-index item that failed (an
+            ``Exception`` the iterable raises counts as the failure of the
+            item at that index); the failures of other items are attached as
+            notes. Once the coordinator has seen a failure, no new item
+            starts; items in slots finish, so that their collectives still
+            match those of the other ranks, and items that started ahead of
+            the schedule get ``CancelledError`` at their first collective.
+        BaseException: anything else the iterable raises, and Ctrl-C, at
+            once; no worker thread outlives the call.
 
     Example::
 
@@ -237,8 +261,9 @@ def coordinated(fn: Callable[..., _R]) -> Callable[..., _R]:
     """Make ``fn`` run on the coordinating thread when called from a worker.
 
     Called from a :func:`parallel_map` worker, the returned function hands the
-    call to the thread coordinating that ``parallel_map``, which runs it at
-    this point of its schedule, as it would a collective: use it for calls
+    call to the thread coordinating that ``parallel_map`` (the outermost one,
+    when calls are nested), which runs it at this point of its schedule, as
+    it would a collective, under the calling item's modes: use it for calls
     that are not thread-safe or whose order must be the same on every rank.
     Called anywhere else, it simply calls ``fn``.
 
