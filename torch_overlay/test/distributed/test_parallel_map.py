@@ -8,6 +8,7 @@ the same (item, call, op) sequence.
 """
 
 import contextlib
+import datetime
 import importlib
 import logging
 import pkgutil
@@ -79,9 +80,10 @@ class _ParallelMapTestBase(MultiProcessTestCase):
         super().setUp()
         self._spawn_processes()
 
-    def _init(self, backend="gloo"):
+    def _init(self, backend="gloo", timeout=None):
         store = dist.FileStore(self.file_name, self.world_size)
-        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
+                                **({"timeout": timeout} if timeout else {}))
         torch.set_num_threads(1)
         if sysconfig.get_config_var("Py_GIL_DISABLED"):
             self.assertFalse(sys._is_gil_enabled(), "free-threaded build with the GIL on")
@@ -603,6 +605,54 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
             r"rank 1: item 1 call 0: broadcast",
         ):
             parallel_map(differs_on_rank_1, range(4), max_workers=2, check_schedule=True)
+        self._assert_clean()
+
+    def test_refused_call_does_not_disturb_the_running_one(self):
+        # Both calls check the schedule (as TORCH_DISTRIBUTED_DEBUG=DETAIL
+        # would have them), and only rank 0 makes the second call: its
+        # exchange with the other ranks must not happen, or it would pair
+        # with the running call's checks and break that call on both ranks.
+        self._init(timeout=datetime.timedelta(seconds=20))
+        r = self.rank
+        inside, release = threading.Event(), threading.Event()
+        refused = []
+
+        def item(i):
+            if i == 0:
+                inside.set()
+                release.wait(timeout=30)
+            return _all_reduce_value(i, r)
+
+        def other_thread():
+            inside.wait(timeout=30)
+            try:
+                parallel_map(lambda i: _all_reduce_value(i, r), range(4), max_workers=2,
+                             check_schedule=True)
+            except RuntimeError as e:
+                refused.append(str(e))
+            finally:
+                release.set()
+
+        t = threading.Thread(target=other_thread if r == 0 else release.set)
+        t.start()
+        results = parallel_map(item, range(6), max_workers=2, check_schedule=True)
+        t.join()
+        if r == 0:
+            self.assertEqual(len(refused), 1)
+            self.assertIn("already running on another thread", refused[0])
+        self.assertEqual(results, [2.0 * i + 1 for i in range(6)])
+        self._assert_clean()
+
+    def test_schedule_check_compares_item_counts(self):
+        # Rank 0 has one item, rank 1 two: the check must say so, with one
+        # worker or several, instead of letting both ranks time out.
+        self._init(timeout=datetime.timedelta(seconds=20))
+        r = self.rank
+        for max_workers in (2, 1):
+            with (self.subTest(max_workers=max_workers),
+                  self.assertRaisesRegex(RuntimeError, "schedules differ between ranks")):
+                parallel_map(lambda i: _all_reduce_value(i, r), range(1 + r),
+                             max_workers=max_workers, check_schedule=True)
         self._assert_clean()
 
     def test_coordinated(self):
