@@ -178,6 +178,7 @@ def test_many_calls_leave_threads_hooks_and_memory_flat():
         log.entries.clear()
         log.threads.clear()
         log.works.clear()
+        log.states.clear()
 
     for _ in range(200):  # warm-up: caches, lazily created objects
         call()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass
-from typing import Any, TYPE_CHECKING
+from typing import Any, NamedTuple, TYPE_CHECKING
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -98,27 +98,39 @@ def _replace_stacks(old_function: tuple[Any, ...], old_dispatch: tuple[Any, ...]
         torch._C._push_on_torch_dispatch_stack(mode)
 
 
-@dataclass(frozen=True)
-class ItemModes:
-    """An item's modes at one of its collectives, to issue it under them."""
+class ItemModes(NamedTuple):
+    """An item's modes at one of its collectives, to issue it under them.
+
+    Captured for every handed-over call, so kept cheap: a tuple, and one
+    shared instance for the common case (grad on, no inference mode, no
+    modes).
+    """
 
     grad_enabled: bool
     inference_mode: bool
     function_modes: tuple[Any, ...]
     dispatch_modes: tuple[Any, ...]
 
-    @classmethod
-    def capture(cls) -> ItemModes:
-        return cls(
-            torch.is_grad_enabled(),
-            torch.is_inference_mode_enabled(),
-            _function_modes(),
-            _dispatch_modes(),
+    @staticmethod
+    def capture() -> ItemModes:
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        function_modes, dispatch_modes = _function_modes(), _dispatch_modes()
+        if grad and not inference and not function_modes and not dispatch_modes:
+            return _PLAIN
+        return ItemModes(grad, inference, function_modes, dispatch_modes)
+
+    def are_this_threads(self) -> bool:
+        """Whether this thread already runs under them."""
+        return (
+            torch.is_grad_enabled() == self.grad_enabled
+            and torch.is_inference_mode_enabled() == self.inference_mode
+            and _same(_function_modes(), self.function_modes)
+            and _same(_dispatch_modes(), self.dispatch_modes)
         )
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
-        """Make them this thread's for the duration (cheap when they already are)."""
+        """Make them this thread's for the duration."""
         with contextlib.ExitStack() as stack:
             if torch.is_inference_mode_enabled() != self.inference_mode:
                 stack.enter_context(torch.inference_mode(self.inference_mode))
@@ -126,6 +138,9 @@ class ItemModes:
                 stack.enter_context(torch.set_grad_enabled(self.grad_enabled))
             stack.enter_context(_mode_stacks(self.function_modes, self.dispatch_modes))
             yield
+
+
+_PLAIN = ItemModes(True, False, (), ())
 
 
 @dataclass(frozen=True)

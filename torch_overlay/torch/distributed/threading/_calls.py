@@ -13,7 +13,6 @@ coordinating thread.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TYPE_CHECKING
@@ -129,11 +128,16 @@ class Call:
     def issue(self) -> Any:
         """Issue on the coordinating thread, on the worker's CUDA stream,
         under the calling item's modes."""
-        with contextlib.ExitStack() as stack:
-            if self.modes is not None:
-                stack.enter_context(self.modes.applied())
-            if self.cuda_stream is not None:
-                stack.enter_context(torch.cuda.stream(self.cuda_stream))
+        modes = self.modes
+        if modes is not None and not modes.are_this_threads():
+            with modes.applied():
+                return self._issue_on_stream()
+        return self._issue_on_stream()
+
+    def _issue_on_stream(self) -> Any:
+        if self.cuda_stream is None:
+            return self.plan.issue(self.fn, self.kwargs)
+        with torch.cuda.stream(self.cuda_stream):
             return self.plan.issue(self.fn, self.kwargs)
 
 

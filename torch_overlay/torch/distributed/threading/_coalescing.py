@@ -75,7 +75,9 @@ def issue_coalesced(calls: list[Call]) -> list[Any]:
     tensors = [call.kwargs["tensor"] for call in calls]
     stream = first.cuda_stream if tensors[0].is_cuda else None
     on_stream = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-    modes = first.modes.applied() if first.modes is not None else contextlib.nullcontext()
+    modes: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if first.modes is not None and not first.modes.are_this_threads():
+        modes = first.modes.applied()
     with modes, torch.no_grad(), on_stream:
         flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
         work = c10d.all_reduce(flat, op=first.kwargs["op"], group=first.kwargs["group"],
