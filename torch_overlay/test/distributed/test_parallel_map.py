@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.distributed_c10d import _collective_hook
-from torch.distributed.threading import _pool, coordinated, parallel_map
+from torch.distributed.threading import _pool, coordinated, item_generator, parallel_map
 from torch.testing._internal.common_distributed import MultiProcessTestCase, skip_if_lt_x_gpu
 from torch.testing._internal.common_utils import run_tests, TestCase
 
@@ -655,6 +655,35 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
                              max_workers=max_workers, check_schedule=True)
         self._assert_clean()
 
+    def test_item_generators_agree_across_ranks(self):
+        # LayerDrop-like items: their own random draws decide which
+        # collectives they issue. Per-rank delays differ; with item_generator
+        # every rank draws the same per item, so the schedules agree (checked).
+        self._init()
+        ws, r = self.world_size, self.rank
+        torch.manual_seed(77)  # as on every rank
+        delays = [random.Random(5 + r).random() * 0.003 for _ in range(8)]
+
+        def item(i):
+            g = item_generator()
+            out = []
+            for k in range(4):
+                if torch.rand((), generator=g) > 0.5:
+                    time.sleep(delays[i])
+                    t = _full(i * 10 + k + r)
+                    dist.all_reduce(t)
+                    out.append((k, t[0].item()))
+            return out
+
+        with _recording_schedule() as issued:
+            results = parallel_map(item, range(8), max_workers=3, check_schedule=True)
+        for i, out in enumerate(results):
+            for k, value in out:
+                self.assertEqual(value, ws * (i * 10 + k) + ws * (ws - 1) // 2)
+        self.assertGreater(len({len(out) for out in results}), 1)
+        self._assert_same_on_every_rank((results, issued))
+        self._assert_clean()
+
     def test_coordinated(self):
         self._init()
         order = []
@@ -750,7 +779,7 @@ class PublicApiTest(TestCase):
 
     def test_public_names(self):
         module = importlib.import_module("torch.distributed.threading")
-        self.assertEqual(module.__all__, ["coordinated", "parallel_map"])
+        self.assertEqual(module.__all__, ["coordinated", "item_generator", "parallel_map"])
         for name in module.__all__:
             self.assertEqual(getattr(module, name).__module__, "torch.distributed.threading")
         public = {n for n in dir(module) if not n.startswith("_")}

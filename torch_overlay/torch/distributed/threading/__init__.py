@@ -4,12 +4,15 @@
 collectives: workers run ``fn`` concurrently, and every collective they call
 is handed to the calling thread, which issues them in a schedule that is the
 same on every rank. See :func:`parallel_map` for the guarantees.
+:func:`item_generator` gives each item a random generator of its own, so that
+random draws do not depend on thread timing either.
 """
 
+from ._item_rng import item_generator
 from ._parallel_map import coordinated, parallel_map
 
 
-__all__ = ["coordinated", "parallel_map"]
+__all__ = ["coordinated", "item_generator", "parallel_map"]
 
 for _name in __all__:
     globals()[_name].__module__ = __name__

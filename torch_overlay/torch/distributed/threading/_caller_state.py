@@ -24,6 +24,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from ._calls import cuda_is_initialized
+from ._item_rng import call_place, enter_item
 
 
 if TYPE_CHECKING:
@@ -162,12 +163,16 @@ class CallerState:
     context: contextvars.Context
     intra_op_threads: int
     stream_per_worker: bool = False
+    # What the items' own generators are seeded from (see ``_item_rng``).
+    item_seed: int = 0
+    item_path: tuple[int, ...] = ()
 
     @classmethod
     def capture(cls, intra_op_threads: int, stream_per_worker: bool = False) -> CallerState:
         cuda_stream = None
         if cuda_is_initialized():
             cuda_stream = torch.cuda.current_stream()
+        item_seed, item_path = call_place()
         return cls(
             grad_enabled=torch.is_grad_enabled(),
             inference_mode=torch.is_inference_mode_enabled(),
@@ -178,6 +183,8 @@ class CallerState:
             context=contextvars.copy_context(),
             intra_op_threads=intra_op_threads,
             stream_per_worker=stream_per_worker and cuda_stream is not None,
+            item_seed=item_seed,
+            item_path=item_path,
         )
 
     def enter_worker_thread(self) -> torch.cuda.Stream | None:
@@ -204,19 +211,19 @@ class CallerState:
             torch.cuda.set_stream(torch.cuda.default_stream(self.cuda_stream.device))
 
     def run(self, fn: Callable[[Any], Any], item: Any,
-            own_stream: torch.cuda.Stream | None = None) -> Any:
-        """Run ``fn(item)`` in a copy of the caller's context and modes.
+            own_stream: torch.cuda.Stream | None = None, *, index: int) -> Any:
+        """Run ``fn(item)``, the ``index``-th item, in a copy of the caller's context and modes.
 
         On a worker's own stream, the item starts after the work the caller had
         queued on its stream, and the caller's stream waits for the item.
         """
         if own_stream is None:
-            return self.context.copy().run(self._run_in_modes, fn, item)
+            return self.context.copy().run(self._run_in_modes, fn, item, index)
         caller = self.cuda_stream
         assert caller is not None
         own_stream.wait_stream(caller)
         try:
-            result = self.context.copy().run(self._run_in_modes, fn, item)
+            result = self.context.copy().run(self._run_in_modes, fn, item, index)
             # Tensors made on the worker's stream and used on the caller's: keep
             # the allocator from reusing their memory before the caller is done.
             for leaf in tree_leaves(result):
@@ -226,7 +233,8 @@ class CallerState:
         finally:
             caller.wait_stream(own_stream)
 
-    def _run_in_modes(self, fn: Callable[[Any], Any], item: Any) -> Any:
+    def _run_in_modes(self, fn: Callable[[Any], Any], item: Any, index: int) -> Any:
+        enter_item(self.item_seed, self.item_path, index)  # in the item's own context
         with contextlib.ExitStack() as stack:
             if self.inference_mode:
                 stack.enter_context(torch.inference_mode())

@@ -282,7 +282,7 @@ class _Worker:
             while (run := self._feeder.take()) is not None:
                 self._run = run
                 try:
-                    result = self._state.run(self._fn, run.item, own_stream)
+                    result = self._state.run(self._fn, run.item, own_stream, index=run.index)
                 except BaseException as error:  # the coordinator owns every error
                     run.events.put(_Finished(error=error))
                 else:

@@ -124,8 +124,8 @@ def parallel_map(
     does after a collective.
 
     Limits: items share the global random number generators, so random
-    draws that decide an item's collectives can differ between ranks; give
-    each item its own generator seeded from its index. Items must not wait
+    draws that decide an item's collectives can differ between ranks; draw
+    from :func:`item_generator` instead. Items must not wait
     for each other: an item's collective is issued only at its slot's turn,
     so an item waiting for another's later work can deadlock where the
     loop would not (the hang report says so).
@@ -238,7 +238,7 @@ def parallel_map(
         if max_workers == 1 and check is None:
             # Nothing to overlap: run on the caller, as the loop would.
             state = CallerState.capture(caller_threads)
-            return [state.run(fn, item) for item in items]
+            return [state.run(fn, item, index=index) for index, item in enumerate(items)]
         state = CallerState.capture(intra_op_threads, stream_per_worker)
         schedule = Schedule(
             fn,
