@@ -135,40 +135,38 @@ class BypassDetector:
 
     def __init__(self, exclude: Collection[dist.ProcessGroup] = ()) -> None:
         self._exclude = {id(group) for group in exclude}
-        self._groups: list[dist.ProcessGroup] = []
-        self._reads: list[list[Callable[[], int]]] = []
+        # Where dist._coalescing_manager keeps its state (one dict, process-wide).
+        self._coalescing: dict[Any, Any] = c10d._world.pg_coalesce_state
+        # One counter per backend; a group with several backends has several.
+        self._readers: list[Callable[[], int]] = []
+        self._groups: list[dist.ProcessGroup] = []  # the group of each counter
         self._counts: list[int] = []  # after the last issue
         self._seen: list[int] = []  # at the last check
         self._snapshot()
 
     def _snapshot(self) -> None:
         """Find the groups and read their counters."""
-        self._groups, self._reads = [], []
+        self._readers, self._groups = [], []
         if dist.is_initialized():
             for group in list(c10d._world.pg_map):
-                if id(group) in self._exclude:
-                    continue
-                reads = _counters(group)
-                if reads:
-                    self._groups.append(group)
-                    self._reads.append(reads)
-        self._counts = self._read()
-
-    def _read(self) -> list[int]:
-        return [sum(read() for read in reads) for reads in self._reads]
+                if id(group) not in self._exclude:
+                    for read in _counters(group):
+                        self._readers.append(read)
+                        self._groups.append(group)
+        self._counts = [read() for read in self._readers]
 
     def unchanged(self) -> bool:
         """Whether no group counted a collective since the last issue ended."""
-        self._seen = self._read()
+        self._seen = [read() for read in self._readers]
         return self._seen == self._counts
 
     def clear_to_issue(self) -> bool:
         """Whether :meth:`before_issue` would not raise."""
-        return not c10d._world.pg_coalesce_state and self.unchanged()
+        return not self._coalescing and self.unchanged()
 
     def before_issue(self, call: Call) -> None:
         """Raise if anything reached a group since the last issue; call right before issuing."""
-        if c10d._world.pg_coalesce_state:
+        if self._coalescing:
             raise coalescing_manager_error(f"cannot issue {call.name} while it is active")
         if not self.unchanged():
             self._raise(f"before {call.name}", [])
@@ -178,7 +176,7 @@ class BypassDetector:
         if call.fn.__name__ in _MAY_CREATE_GROUPS:
             self._snapshot()
         else:
-            self._counts = self._read()
+            self._counts = [read() for read in self._readers]
 
     def at_end(self) -> None:
         created = self._created_groups()
@@ -186,15 +184,17 @@ class BypassDetector:
             self._raise("at the end of parallel_map", created)
 
     def _raise(self, where: str, created: list[tuple[dist.ProcessGroup, int]]) -> None:
-        moved = [
-            f"{_group_name(group)} +{now - before}"
-            for group, before, now in zip(self._groups, self._counts, self._seen, strict=True)
-            if now != before
-        ] + [f"{_group_name(group)}, created outside the schedule, +{n}" for group, n in created]
+        moved: dict[int, tuple[dist.ProcessGroup, int]] = {}
+        for group, before, now in zip(self._groups, self._counts, self._seen, strict=True):
+            if now != before:
+                moved[id(group)] = (group, moved.get(id(group), (group, 0))[1] + now - before)
+        described = [f"{_group_name(group)} +{n}" for group, n in moved.values()] + [
+            f"{_group_name(group)}, created outside the schedule, +{n}" for group, n in created
+        ]
         raise CollectiveBypassError(
             "parallel_map: a collective reached a process group outside the schedule "
-            f"(detected {where}): {', '.join(moved)} collective(s) that the schedule did "
-            f"not issue. {_CAUSES}"
+            f"(detected {where}): {', '.join(described)} collective(s) that the schedule "
+            f"did not issue. {_CAUSES}"
         )
 
     def _created_groups(self) -> list[tuple[dist.ProcessGroup, int]]:
@@ -204,8 +204,8 @@ class BypassDetector:
         known = {id(group) for group in self._groups} | self._exclude
         created = []
         for group in list(c10d._world.pg_map):
-            reads = [] if id(group) in known else _counters(group)
-            if count := sum(read() for read in reads):
+            readers = [] if id(group) in known else _counters(group)
+            if count := sum(read() for read in readers):
                 created.append((group, count))
         return created
 

@@ -29,6 +29,14 @@ at the latest when its visit comes back round. It passes no turn while it
 holds calls, as those must go first, and a worker never takes the turn for
 a call the coordinator would hold.
 
+Whoever issues (the coordinator, or a worker at its turn) does so inside the
+bypass detector's window (see ``_bypass``): it checks right before issuing
+that no process group counted a collective since the last issue, and reads
+the counters again right after, before the worker runs on. A worker that
+sees a change hands its call to the coordinator instead, which raises.
+Every worker has the same hook, :func:`_worker_hook`; calls made while an op
+is being traced rather than run pass through it into the graph.
+
 The threads do not wait for the schedule to hand them work: the ``W`` workers
 take items in index order as soon as they are free, so no thread idles while
 the coordinator waits on a slot. An item that runs ahead of the schedule
@@ -542,16 +550,14 @@ class Schedule:
             detector.before_issue(held[0][1])
         try:
             parts = issue_coalesced([call for _, call in held])
+            replies = [_Reply(part) for part in parts]
         except Exception as error:  # raised in each worker, as serial code would
-            if detector is not None:
+            replies = [_Reply(error=error if n == 0 else _copy_of(error)) for n in range(len(held))]
+        finally:
+            if detector is not None:  # before any worker runs on
                 detector.after_issue(held[0][1])
-            for n, (run, _) in enumerate(held):
-                run.replies.put(_Reply(error=error if n == 0 else _copy_of(error)))
-        else:
-            if detector is not None:
-                detector.after_issue(held[0][1])
-            for (run, _), part in zip(held, parts, strict=True):
-                run.replies.put(_Reply(part))
+        for (run, _), reply in zip(held, replies, strict=True):
+            run.replies.put(reply)
 
     def _issue(self, run: _ItemRun, call: Call) -> None:
         if self._check is not None:
@@ -564,15 +570,13 @@ class Schedule:
         if detector is not None:
             detector.before_issue(call)
         try:
-            value = call.issue()
+            reply = _Reply(call.issue())
         except Exception as error:  # raised where serial code would: in the worker
-            if detector is not None:
+            reply = _Reply(error=error)
+        finally:
+            if detector is not None:  # before the worker runs on
                 detector.after_issue(call)
-            run.replies.put(_Reply(error=error))
-        else:
-            if detector is not None:
-                detector.after_issue(call)
-            run.replies.put(_Reply(value))
+        run.replies.put(reply)
 
     def _first_error(self) -> BaseException:
         first, *others = sorted(self._errors)
