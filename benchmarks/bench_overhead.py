@@ -4,7 +4,10 @@
 
 * Added latency per intercepted collective: one item issues N scalar
   all_reduces under parallel_map (the other slot's item has none), against
-  the same N calls made directly by the calling thread. gloo, world size 1.
+  the same N calls made directly by the calling thread, with the bypass
+  detector on (the default) and off. gloo, world size 1.
+* The bypass detector's own cost per issue: its check before and its read
+  after an issue, timed directly on the default group.
 * Inactive hook: a plain all_reduce loop with the overlay installed and
   uninstalled, in fresh processes, interleaved. This re-installs the overlay
   into the running interpreter's torch around each run (scripts/overlay).
@@ -13,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -44,8 +48,8 @@ dist.destroy_process_group()
 """
 
 
-def added_latency(calls: int, repeat: int) -> tuple[float, float]:
-    from torch.distributed.threading import parallel_map
+def added_latency(calls: int, repeat: int) -> dict[str, float]:
+    from torch.distributed.threading import _bypass, parallel_map
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     t = torch.zeros(1)
@@ -57,9 +61,38 @@ def added_latency(calls: int, repeat: int) -> tuple[float, float]:
     def intercepted() -> None:
         parallel_map(lambda i: loop() if i == 0 else None, range(2), max_workers=2)
 
-    medians = interleaved_medians({"direct": loop, "intercepted": intercepted}, repeat=repeat)
+    def intercepted_detector_off() -> None:
+        os.environ[_bypass.ENV_VAR] = "0"
+        try:
+            intercepted()
+        finally:
+            del os.environ[_bypass.ENV_VAR]
+
+    medians = interleaved_medians(
+        {"direct": loop, "intercepted": intercepted, "detector off": intercepted_detector_off},
+        repeat=repeat,
+    )
+    per_call = {name: value / calls for name, value in medians.items()}
+    per_call["detector per issue"] = detector_cost(calls * 10)
     dist.destroy_process_group()
-    return medians["direct"] / calls, medians["intercepted"] / calls
+    return per_call
+
+
+def detector_cost(n: int) -> float:
+    """Seconds per issue of the detector's check and read, on one group."""
+    from torch.distributed.threading._bypass import BypassDetector
+    from torch.distributed.threading._calls import Call, plan_for
+
+    call = Call(dist.all_reduce, {}, plan_for(dist.all_reduce, {}), 0, 0, None)
+    detector = BypassDetector()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(n):
+            detector.before_issue(call)
+            detector.after_issue(call)
+        best = min(best, (time.perf_counter() - start) / n)
+    return best
 
 
 def _overlay(command: str) -> None:
@@ -96,12 +129,16 @@ def main() -> None:
     if args.smoke:
         args.calls, args.repeat = 20, 1
     torch.set_num_threads(1)
-    direct, intercepted = added_latency(args.calls, args.repeat)
+    cost = added_latency(args.calls, args.repeat)
+    direct = cost["direct"]
     header(f"interception overhead: gloo world 1, scalar all_reduce, {args.calls} calls, "
            f"median of {args.repeat}")
     table(["case", "direct us/call", "intercepted us/call", "added us/call"],
-          [["parallel_map worker vs calling thread", direct * 1e6, intercepted * 1e6,
-            (intercepted - direct) * 1e6]])
+          [[f"parallel_map worker vs calling thread, {name}", direct * 1e6,
+            cost[key] * 1e6, (cost[key] - direct) * 1e6]
+           for name, key in (("detector on", "intercepted"), ("detector off", "detector off"))])
+    print(f"\nbypass detector per issue (check + read, one group): "
+          f"{cost['detector per issue'] * 1e9:.0f} ns")
     if args.smoke:
         return  # the inactive-hook run re-installs the overlay: not in CI
     start = time.perf_counter()

@@ -4,11 +4,20 @@ The change to ``distributed_c10d.py`` and ``_functional_collectives.py`` is
 mechanical: define ``_collective_hook`` and, in each collective entry point,
 right after its ``__torch_function__`` check (else after its docstring),
 
-    if (hook := _collective_hook.fn) is not None:
+    if (
+        not torch.compiler.is_dynamo_compiling()
+        and (hook := _collective_hook.fn) is not None
+    ):
         return hook(<entry point>, <param>=<param>, ...)
 
-so it is generated from each release's own source (its parameters, overloads
-and helper names differ between releases) rather than kept as hand-made diffs.
+Dynamo never reads the hook (``is_dynamo_compiling()`` is False when not
+tracing), so a function traced on a thread with a hook gets the same graph
+and guards as on any other thread; compiled code reaches the hook's owner
+through the functional collective ops it calls.
+
+The edits are generated from each release's own source (its parameters,
+overloads and helper names differ between releases) rather than kept as
+hand-made diffs.
 ``scripts/series export`` writes the result as ``patches/edits/<X.Y>/*.diff``.
 """
 
@@ -30,6 +39,9 @@ _C10D_ENTRY_POINTS = (
     "barrier", "monitored_barrier", "send", "recv", "isend", "irecv", "batch_isend_irecv",
     "all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list",
     "send_object_list", "recv_object_list", "new_group", "new_subgroups", "split_group",
+    # Not a collective, but process-wide state that collectives of every thread
+    # consult: a hook's owner may refuse it.
+    "_coalescing_manager",
 )
 _FUNCOL_ENTRY_POINTS = (
     "broadcast", "all_reduce", "all_gather_single", "reduce_scatter_single",
@@ -60,6 +72,11 @@ class _CollectiveHook(threading.local):
     on its worker threads so that one coordinating thread issues their
     collectives in an order that is identical on every rank. Every other
     thread sees the class default, ``None``: one attribute lookup, no other cost.
+
+    Dynamo never reads ``fn`` (the check of ``is_dynamo_compiling()`` comes
+    first), so a graph traced on a thread with a hook is the graph traced on
+    any other thread. Compiled code calls functional collective ops, which a
+    hook's owner can intercept when they run.
     """
 
     fn: Callable[..., Any] | None = None
@@ -101,7 +118,12 @@ def _hook_lines(fn: ast.FunctionDef, indent: str) -> list[str]:
     if any(isinstance(n, ast.Name) and n.id == "hook" for n in ast.walk(fn)):
         raise EditError(f"{fn.name} already uses the name 'hook'")
     names = [p.arg for p in a.args + a.kwonlyargs]
-    head = f"{indent}if (hook := _collective_hook.fn) is not None:"
+    head = "\n".join([
+        f"{indent}if (",
+        f"{indent}    not torch.compiler.is_dynamo_compiling()",
+        f"{indent}    and (hook := _collective_hook.fn) is not None",
+        f"{indent}):",
+    ])
     one = f"{indent}    return hook({fn.name}, " + ", ".join(f"{n}={n}" for n in names) + ")"
     if len(one) <= 88:
         return [head, one]

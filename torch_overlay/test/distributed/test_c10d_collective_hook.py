@@ -190,6 +190,71 @@ class UnhookedPathsTest(TestCase):
             raise
         self.assertEqual(out, torch.full((3,), 3.0))
 
+    def test_dynamo_never_reads_the_hook(self):
+        # A function traced on a thread with a hook gets the graph and guards it
+        # gets on any other thread: the hook is neither called nor traced.
+        def f(x):
+            y = x * 2
+            dist.all_reduce(y)
+            return funcol.all_reduce(y, "sum", dist.group.WORLD) + 1
+
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(gm.code)
+
+            def run(*args):  # run unhooked, whatever the thread
+                saved, _collective_hook.fn = _collective_hook.fn, None
+                try:
+                    return gm.forward(*args)
+                finally:
+                    _collective_hook.fn = saved
+
+            return run
+
+        hooked = []
+
+        def recorder(fn, /, **kwargs):  # records, then runs the call unhooked
+            hooked.append(fn)
+            saved, _collective_hook.fn = _collective_hook.fn, None
+            try:
+                return fn(**kwargs)
+            finally:
+                _collective_hook.fn = saved
+
+        results = []
+
+        def traced_with_hook():
+            _collective_hook.fn = recorder
+            try:
+                results.append(compiled(torch.ones(3)))
+            finally:
+                _collective_hook.fn = None
+
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(f, fullgraph=True, backend=backend)
+            compiled(torch.ones(3))  # traced on this thread, no hook
+            torch._dynamo.reset()
+            compiled = torch.compile(f, fullgraph=True, backend=backend)
+            t = threading.Thread(target=traced_with_hook)
+            t.start()
+            t.join()
+        except RuntimeError as e:
+            if "not supported" in str(e) and "Python" in str(e):
+                self.skipTest(f"torch.compile unavailable on this interpreter: {e}")
+            raise
+        # Only entry points matter here: a hook's owner may also hook the ops.
+        entry_points = {c10d.all_reduce, funcol.all_reduce, funcol.all_reduce_inplace}
+        self.assertEqual([fn for fn in hooked if fn in entry_points], [])
+        self.assertEqual(len(graphs), 2)
+        self.assertEqual(graphs[0], graphs[1])
+        self.assertIn("_c10d_functional.all_reduce", graphs[1])
+        self.assertEqual(results[0], torch.full((3,), 3.0))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            self.assertEqual(compiled(torch.ones(3)), torch.full((3,), 3.0))
+        torch._dynamo.reset()
+
 
 if __name__ == "__main__":
     run_tests()

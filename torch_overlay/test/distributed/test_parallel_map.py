@@ -684,6 +684,26 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         self._assert_same_on_every_rank((results, issued))
         self._assert_clean()
 
+    def test_iterable_that_calls_collectives(self):
+        # A sampler that broadcasts each index from rank 0: the iterable runs
+        # on the calling thread at fixed points of the schedule, so its
+        # broadcasts pair up across ranks, and the bypass detector counts
+        # them as the schedule's.
+        self._init()
+        ws, r = self.world_size, self.rank
+
+        def sampler():
+            for i in range(7):
+                t = _full(i * 10 if r == 0 else -1)
+                dist.broadcast(t, src=0)
+                yield int(t[0].item())
+
+        with _recording_schedule() as issued:
+            results = parallel_map(lambda x: _all_reduce_value(x, r), sampler(), max_workers=3)
+        self.assertEqual(results, [ws * i * 10 + ws * (ws - 1) // 2 for i in range(7)])
+        self._assert_same_on_every_rank(issued)
+        self._assert_clean()
+
     def test_coordinated(self):
         self._init()
         order = []

@@ -8,7 +8,8 @@ also be issued by the worker itself, at its turn (see ``_coordinator``).
 Calls without an asynchronous form (object collectives, group creation,
 ``monitored_barrier``, functions wrapped with
 :func:`~torch.distributed.threading.coordinated`) run to completion on the
-coordinating thread.
+coordinating thread. Functional collective ops reached by compiled code (see
+``_op_hook``) only enqueue by nature, and are issued as they are.
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ _RECV = _IssueRecvAsIrecv(worker_may_issue=True)
 
 
 def plan_for(fn: Callable[..., Any], kwargs: dict[str, Any]) -> _IssuePlan:
+    if fn is call_functional_op:
+        return _ASYNC_AS_IS
     async_op = kwargs.get("async_op")
     if async_op is False:
         return ASYNC_THEN_WAIT
@@ -108,7 +111,10 @@ def plan_for(fn: Callable[..., Any], kwargs: dict[str, Any]) -> _IssuePlan:
     return _RUN_AS_IS
 
 
-def op_name(fn: Callable[..., Any]) -> str:
+def op_name(fn: Callable[..., Any], kwargs: dict[str, Any] | None = None) -> str:
+    """The entry point's name, or the op's (``_c10d_functional.all_reduce.default``)."""
+    if fn is call_functional_op and kwargs is not None:
+        return str(kwargs["op"])
     return getattr(fn, "__name__", repr(fn))
 
 
@@ -124,6 +130,10 @@ class Call:
     cuda_stream: torch.cuda.Stream | None
     # The item's grad/inference mode and mode stacks at the call.
     modes: ItemModes | None = None
+
+    @property
+    def name(self) -> str:
+        return op_name(self.fn, self.kwargs)
 
     def issue(self) -> Any:
         """Issue on the coordinating thread, on the worker's CUDA stream,
@@ -153,3 +163,10 @@ def call_coordinated(
     if (hook := _collective_hook.fn) is not None:
         return hook(call_coordinated, target=target, args=args, kwargs=kwargs)
     return target(*args, **kwargs)
+
+
+def call_functional_op(
+    op: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Entry point that a functional collective op hands to the collective hook."""
+    return op(*args, **kwargs)

@@ -29,19 +29,27 @@ at the latest when its visit comes back round. It passes no turn while it
 holds calls, as those must go first, and a worker never takes the turn for
 a call the coordinator would hold.
 
+Whoever issues (the coordinator, or a worker at its turn) does so inside the
+bypass detector's window (see ``_bypass``): it checks right before issuing
+that no process group counted a collective since the last issue, and reads
+the counters again right after, before the worker runs on. A worker that
+sees a change hands its call to the coordinator instead, which raises.
+Every worker has the same hook, :func:`_worker_hook`; calls made while an op
+is being traced rather than run pass through it into the graph.
+
 Only the coordinator advances the iterable, as the loop it replaces would:
 on the calling thread, under its modes and context, in order. It pulls the
 items for the first slots, then keeps ``W`` items pulled beyond those that
 have had a slot, pulling one more each time an item enters a slot. Those are
 points of the schedule, so a collective that the iterable itself calls goes
-out at the same point on every rank. Workers take the pulled items in index
-order as soon as they are free, so no thread idles while the coordinator
-waits on a slot. An item that runs ahead of the schedule simply waits at its
-first collective until its slot's turn. Items enter slots in index order too,
-so every item that has a slot has been taken by a thread before any item that
-has none: waiting on a slot never waits on a free thread. Once the
-coordinator has seen an item fail, workers take no item beyond those with a
-slot.
+out at the same point on every rank; each pull is a window of the bypass
+detector too. Workers take the pulled items in index order as soon as they
+are free, so no thread idles while the coordinator waits on a slot. An item
+that runs ahead of the schedule simply waits at its first collective until
+its slot's turn. Items enter slots in index order too, so every item that has
+a slot has been taken by a thread before any item that has none: waiting on
+a slot never waits on a free thread. Once the coordinator has seen an item
+fail, workers take no item beyond those with a slot.
 """
 
 from __future__ import annotations
@@ -57,10 +65,12 @@ from dataclasses import dataclass
 from typing import Any, TYPE_CHECKING
 
 import torch
+import torch.distributed.distributed_c10d as c10d
 from torch.distributed.distributed_c10d import _collective_hook
 
+from ._bypass import coalescing_manager_error, CollectiveBypassError
 from ._caller_state import ItemModes
-from ._calls import Call, cuda_is_initialized, op_name, plan_for
+from ._calls import Call, cuda_is_initialized, plan_for
 from ._coalescing import coalescing_key, issue_coalesced
 from ._pool import pool
 
@@ -68,6 +78,7 @@ from ._pool import pool
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
+    from ._bypass import BypassDetector
     from ._caller_state import CallerState
     from ._pool import PooledThread
     from ._schedule_check import ScheduleCheck
@@ -171,11 +182,14 @@ class _Feeder:
     that thread would: under the caller's modes and context, in order, at
     points of the schedule that do not depend on timing, so that a collective
     the iterable itself calls is issued at the same point on every rank.
-    Workers take pulled items (``take``) and wait while there is none.
+    Workers take pulled items (``take``) and wait while there is none. The
+    iterable may issue collectives itself, so each pull is a window of the
+    bypass detector, as an issue is.
     """
 
-    def __init__(self, items: Iterator[Any]) -> None:
+    def __init__(self, items: Iterator[Any], detector: BypassDetector | None) -> None:
         self._items = items
+        self._detector = detector
         self._ready = threading.Condition(threading.Lock())
         self._runs: list[_ItemRun] = []
         self._next_for_worker = 0
@@ -198,6 +212,8 @@ class _Feeder:
         """
         if self._exhausted:
             return None
+        if self._detector is not None:
+            self._detector.before_iterable()
         try:
             item = next(self._items)
         except StopIteration:
@@ -207,6 +223,9 @@ class _Feeder:
             self.error = (len(self._runs), error)
             self._end()
             return None
+        finally:
+            if self._detector is not None:
+                self._detector.after_iterable()
         run = _ItemRun(len(self._runs), item)
         with self._ready:
             self._runs.append(run)
@@ -255,17 +274,64 @@ class _Feeder:
             return self._runs[: self._next_for_worker]
 
 
+class _ThisWorker(threading.local):
+    worker: _Worker | None = None
+
+
+_this_worker = _ThisWorker()
+
+# Dispatch modes under which an op is traced (by Dynamo, AOTAutograd, make_fx)
+# rather than run.
+_TRACING_MODES = (
+    torch._C._TorchDispatchModeKey.FAKE,
+    torch._C._TorchDispatchModeKey.PROXY,
+    torch._C._TorchDispatchModeKey.FUNCTIONAL,
+)
+
+
+def _tracing() -> bool:
+    get_mode = torch._C._get_dispatch_mode
+    return any(get_mode(key) is not None for key in _TRACING_MODES)
+
+
+def _worker_hook(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
+    """The collective hook of every worker thread.
+
+    A call made while tracing (a DTensor redistribution that AOTAutograd
+    traces, say) is recorded in the graph, not handed over: the graph's
+    functional collective op is handed over when the graph runs (see
+    ``_op_hook``). Dynamo itself never calls the hook.
+    """
+    worker = _this_worker.worker
+    assert worker is not None
+    if fn is c10d._coalescing_manager:
+        raise coalescing_manager_error("cannot be used on a worker thread")
+    if _tracing():
+        _collective_hook.fn = None
+        try:
+            return fn(**kwargs)
+        finally:
+            _collective_hook.fn = _worker_hook
+    return worker._hand_over(fn, **kwargs)
+
+
 class _Worker:
     """One worker of a call: runs items from the feeder on a pooled thread,
     handing their collectives over."""
 
     def __init__(
-        self, fn: Callable[[Any], Any], state: CallerState, feeder: _Feeder, coalesce: bool
+        self,
+        fn: Callable[[Any], Any],
+        state: CallerState,
+        feeder: _Feeder,
+        coalesce: bool,
+        detector: BypassDetector | None,
     ) -> None:
         self._fn = fn
         self._state = state
         self._feeder = feeder
         self._coalesce = coalesce
+        self._detector = detector
         self._run: _ItemRun | None = None
         self.thread: threading.Thread | None = None
         # For hang reports: the call this worker waits on, and whether it is
@@ -277,7 +343,8 @@ class _Worker:
         """The job, on a pooled thread: run items until there are none."""
         self.thread = threading.current_thread()
         own_stream = self._state.enter_worker_thread()
-        _collective_hook.fn = self._hand_over
+        _this_worker.worker = self
+        _collective_hook.fn = _worker_hook
         try:
             while (run := self._feeder.take()) is not None:
                 self._run = run
@@ -290,6 +357,7 @@ class _Worker:
                 self._run = None
         finally:
             _collective_hook.fn = None
+            _this_worker.worker = None
             self._state.leave_worker_thread()
 
     def _hand_over(self, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
@@ -306,6 +374,8 @@ class _Worker:
             # A call the coordinator would hold back must reach it.
             and not (self._coalesce and coalescing_key(call) is not None)
             and self._take_turn(run)
+            # Else the coordinator gets the call, and raises what the detector saw.
+            and (self._detector is None or self._detector.clear_to_issue())
         ):
             return self._issue_here(run, call)
         self.waiting_on, self.waiting_for_issue = call, True
@@ -342,7 +412,9 @@ class _Worker:
             try:
                 issued = call.plan.issue(call.fn, call.kwargs)
             finally:
-                _collective_hook.fn = self._hand_over
+                if self._detector is not None:
+                    self._detector.after_issue(call)
+                _collective_hook.fn = _worker_hook
                 run.events.put(_IssuedByWorker(call))
             return call.plan.finish(issued, call.kwargs)
         finally:
@@ -359,7 +431,7 @@ class _Worker:
             return "idle"
         if call is None:
             return f"item {run.index}: running fn"
-        what = f"{op_name(call.fn)} (item {call.item}, call {call.seq})"
+        what = f"{call.name} (item {call.item}, call {call.seq})"
         if for_issue:
             return f"item {run.index}: waiting for the coordinator to issue {what}"
         return f"item {run.index}: waiting for {what} to complete"
@@ -377,11 +449,13 @@ class Schedule:
         *,
         report_hang_after: float | None = None,
         check: ScheduleCheck | None = None,
+        detector: BypassDetector | None = None,
         coalesce: bool = False,
     ) -> None:
-        self._feeder = _Feeder(items)
+        self._feeder = _Feeder(items, detector)
         self._report_hang_after = report_hang_after
         self._check = check
+        self._detector = detector
         self._coalesce = coalesce
         # All-reduces held back to be coalesced: their runs, calls, and key.
         self._held: list[tuple[_ItemRun, Call]] = []
@@ -390,7 +464,9 @@ class Schedule:
         # the schedule check exchanges with the other ranks before each issue,
         # from this thread too.
         self._pass_turns = check is None and _collective_hook.fn is None
-        self._workers = [_Worker(fn, state, self._feeder, coalesce) for _ in range(max_workers)]
+        self._workers = [
+            _Worker(fn, state, self._feeder, coalesce, detector) for _ in range(max_workers)
+        ]
         self._results: dict[int, Any] = {}
         self._errors: dict[int, BaseException] = {}
         self._issued = 0
@@ -407,8 +483,17 @@ class Schedule:
             if self._check is not None:
                 self._check.at_end(self._issued)
             clean = not self._errors
+        except CollectiveBypassError as error:
+            self._add_item_errors(error)
+            raise
         finally:
             self._shut_down(threads, clean)
+        if self._detector is not None:
+            try:
+                self._detector.at_end()
+            except CollectiveBypassError as error:  # likely the cause of any item's failure
+                self._add_item_errors(error)
+                raise
         if self._errors:
             raise self._first_error()
         return [self._results[i] for i in range(in_slots)]
@@ -570,7 +655,7 @@ class Schedule:
     def _count_issue(self, call: Call) -> None:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
-                "issue #%d: item %d call %d %s", self._issued, call.item, call.seq, op_name(call.fn)
+                "issue #%d: item %d call %d %s", self._issued, call.item, call.seq, call.name
             )
         self._issued += 1
 
@@ -594,14 +679,19 @@ class Schedule:
             self._reply_to_issue(*held[0])
             return
         logger.debug("issue: %d all_reduces coalesced into one", len(held))
+        detector = self._detector
+        if detector is not None:
+            detector.before_issue(held[0][1])
         try:
             parts = issue_coalesced([call for _, call in held])
+            replies = [_Reply(part) for part in parts]
         except Exception as error:  # raised in each worker, as serial code would
-            for n, (run, _) in enumerate(held):
-                run.replies.put(_Reply(error=error if n == 0 else _copy_of(error)))
-        else:
-            for (run, _), part in zip(held, parts, strict=True):
-                run.replies.put(_Reply(part))
+            replies = [_Reply(error=error if n == 0 else _copy_of(error)) for n in range(len(held))]
+        finally:
+            if detector is not None:  # before any worker runs on
+                detector.after_issue(held[0][1])
+        for (run, _), reply in zip(held, replies, strict=True):
+            run.replies.put(reply)
 
     def _issue(self, run: _ItemRun, call: Call) -> None:
         if self._check is not None:
@@ -610,19 +700,27 @@ class Schedule:
         self._reply_to_issue(run, call)
 
     def _reply_to_issue(self, run: _ItemRun, call: Call) -> None:
+        detector = self._detector
+        if detector is not None:
+            detector.before_issue(call)
         try:
-            value = call.issue()
+            reply = _Reply(call.issue())
         except Exception as error:  # raised where serial code would: in the worker
-            run.replies.put(_Reply(error=error))
-        else:
-            run.replies.put(_Reply(value))
+            reply = _Reply(error=error)
+        finally:
+            if detector is not None:  # before the worker runs on
+                detector.after_issue(call)
+        run.replies.put(reply)
 
     def _first_error(self) -> BaseException:
         first, *others = sorted(self._errors)
         error = self._errors[first]
-        for index in others:
+        self._add_item_errors(error, others)
+        return error
+
+    def _add_item_errors(self, error: BaseException, indices: list[int] | None = None) -> None:
+        for index in sorted(self._errors) if indices is None else indices:
             other = self._errors[index]
             error.add_note(
                 f"parallel_map: item {index} also failed: {type(other).__name__}: {other}"
             )
-        return error

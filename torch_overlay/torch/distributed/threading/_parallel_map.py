@@ -12,10 +12,12 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import DebugLevel, get_debug_level
 from torch.distributed.distributed_c10d import _collective_hook
 
+from . import _op_hook
+from ._bypass import make_detector, refuse_cpp_collectives
 from ._caller_state import CallerState
 from ._calls import call_coordinated
 from ._coordinator import Schedule
-from ._schedule_check import ScheduleCheck
+from ._schedule_check import _check_groups, ScheduleCheck
 
 
 if TYPE_CHECKING:
@@ -23,6 +25,11 @@ if TYPE_CHECKING:
 
 
 __all__ = ["coordinated", "parallel_map"]
+
+# Compiled code calls the functional collective ops directly, DDP calls C++
+# collectives: hook them once.
+_op_hook.install()
+refuse_cpp_collectives()
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -240,6 +247,8 @@ def parallel_map(
             state = CallerState.capture(caller_threads)
             return [state.run(fn, item, index=index) for index, item in enumerate(items)]
         state = CallerState.capture(intra_op_threads, stream_per_worker)
+        # The outer call's detector sees what a nested call issues.
+        detector = None if nested else make_detector(exclude=_check_groups.values())
         schedule = Schedule(
             fn,
             items,
@@ -247,6 +256,7 @@ def parallel_map(
             state,
             report_hang_after=report_hang_after,
             check=check,
+            detector=detector,
             coalesce=coalesce_all_reduces,
         )
         return schedule.run()

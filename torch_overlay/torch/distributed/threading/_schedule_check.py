@@ -19,8 +19,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from ._calls import op_name
-
 
 if TYPE_CHECKING:
     from ._calls import Call
@@ -44,17 +42,25 @@ class ScheduleMismatchError(RuntimeError):
 
 
 def _fingerprint(call: Call) -> tuple[Any, ...]:
-    name = op_name(call.fn)
+    name = call.name
     if name in _POINT_TO_POINT:
         return (call.item, call.seq, "point-to-point")
     shapes: tuple[Any, ...] = ()
     if name not in _SHAPELESS:
         shapes = tuple(
             (key, tuple(value.shape), str(value.dtype))
-            for key, value in call.kwargs.items()
-            if isinstance(value, torch.Tensor)
+            for key, value in _tensor_arguments(call.kwargs)
         )
     return (call.item, call.seq, name, shapes)
+
+
+def _tensor_arguments(kwargs: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    """Tensor arguments by name; a functional op's positional ones as ``args[i]``."""
+    found = [(key, value) for key, value in kwargs.items() if isinstance(value, torch.Tensor)]
+    for i, value in enumerate(kwargs.get("args", ())):
+        if isinstance(value, torch.Tensor):
+            found.append((f"args[{i}]", value))
+    return found
 
 
 def _describe(fingerprint: tuple[Any, ...]) -> str:

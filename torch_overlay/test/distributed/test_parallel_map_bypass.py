@@ -1,0 +1,250 @@
+# Owner(s): ["oncall: distributed"]
+"""Nothing reaches a process group outside parallel_map's schedule.
+
+Compiled code (``torch.compile`` with the eager, aot_eager and inductor
+backends) that calls ``dist.*``, functional collectives or DTensor goes
+through the schedule and returns the serial loop's results, wherever it was
+compiled first. What cannot be scheduled (a direct ProcessGroup call, a
+thread that ``fn`` starts, DDP's C++ collectives, the process-wide
+coalescing manager) raises on every rank, in time, and leaves a process
+group that the next parallel_map can use. Items sleep for random times that
+differ between ranks, so that an unscheduled collective pairs up wrongly.
+"""
+
+import datetime
+import os
+import random
+import sys
+import sysconfig
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.distributed_c10d import _collective_hook
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.threading import _pool, parallel_map
+from torch.testing._internal.common_distributed import MultiProcessTestCase, skip_if_lt_x_gpu
+from torch.testing._internal.common_utils import run_tests
+
+
+_ITEMS = 12
+_PG_TIMEOUT_S = 20.0
+_BYPASS = "outside the schedule"
+
+
+class _Base(MultiProcessTestCase):
+    @property
+    def world_size(self):
+        return 2
+
+    def setUp(self):
+        super().setUp()
+        self._spawn_processes()
+
+    def _init(self):
+        store = dist.FileStore(self.file_name, self.world_size)
+        dist.init_process_group(
+            "gloo", store=store, rank=self.rank, world_size=self.world_size,
+            timeout=datetime.timedelta(seconds=_PG_TIMEOUT_S),
+        )
+        torch.set_num_threads(1)
+        rng = random.Random(1000 * self.rank + 17)  # differs between ranks
+        self.delays = [rng.random() * 0.004 for _ in range(_ITEMS)]
+
+    def _assert_gil_off(self):
+        if sysconfig.get_config_var("Py_GIL_DISABLED"):
+            self.assertFalse(sys._is_gil_enabled(), "free-threaded build with the GIL on")
+
+    def _value(self, i):
+        """What item i contributes on this rank: only the right pairing sums right."""
+        return torch.full((2,), float(i * (self.rank + 1)))
+
+    def _reduced(self, i):
+        return float(i * sum(r + 1 for r in range(self.world_size)))
+
+    def _assert_clean(self):
+        self.assertIsNone(_collective_hook.fn)
+        workers = [t for t in threading.enumerate() if t.name.startswith("parallel_map")]
+        self.assertEqual(len(workers), _pool.pool.idle_count())
+
+    def _assert_usable_again(self):
+        def item(i):
+            time.sleep(self.delays[i])
+            t = self._value(i)
+            dist.all_reduce(t)
+            return t[0].item()
+
+        results = parallel_map(item, range(_ITEMS), max_workers=4)
+        self.assertEqual(results, [self._reduced(i) for i in range(_ITEMS)])
+
+
+class CompiledCollectivesTest(_Base):
+    """The compile matrix: backend x where it was compiled first."""
+
+    def _check_backend(self, backend):
+        self._init()
+        ws = self.world_size
+        mesh = init_device_mesh("cpu", (ws,))
+
+        def body(x):
+            y = x * 1
+            dist.all_reduce(y)  # rewritten by Dynamo into a functional collective
+            z = funcol.all_reduce(x * 2, "sum", dist.group.WORLD)
+            dt = DTensor.from_local(x * 3, mesh, [Shard(0)])
+            full = dt.redistribute(mesh, [Replicate()]).to_local()  # an all_gather
+            return y + 0, z + 0, full + 0
+
+        def expected(i):
+            gathered = torch.cat([torch.full((2,), float(3 * i * (r + 1))) for r in range(ws)])
+            return [self._reduced(i)] * 2, [2 * self._reduced(i)] * 2, gathered.tolist()
+
+        for first in ("caller", "worker"):
+            with self.subTest(backend=backend, compiled_first_on=first):
+                torch._dynamo.reset()
+                compiled = torch.compile(body, backend=backend, fullgraph=True)
+                if first == "caller":  # a warm-up step before the parallel part
+                    out = compiled(self._value(1))
+                    self.assertEqual([t.tolist() for t in out], list(expected(1)))
+
+                def item(i, compiled=compiled):
+                    time.sleep(self.delays[i])
+                    return [t.tolist() for t in compiled(self._value(i))]
+
+                # Compiled once, whoever was first: no thread recompiles.
+                with torch._dynamo.config.patch(error_on_recompile=first == "caller"):
+                    results = parallel_map(item, range(_ITEMS), max_workers=4)
+                self._assert_gil_off()
+                self.assertEqual(results, [list(expected(i)) for i in range(_ITEMS)])
+                with torch._dynamo.config.patch(error_on_recompile=True):
+                    out = compiled(self._value(5))  # and on the caller again, unchanged
+                self.assertEqual([t.tolist() for t in out], list(expected(5)))
+        self._assert_clean()
+
+    def test_compiled_eager(self):
+        self._check_backend("eager")
+
+    def test_compiled_aot_eager(self):
+        self._check_backend("aot_eager")
+
+    def test_compiled_inductor(self):
+        self._check_backend("inductor")
+
+
+class BypassDetectionTest(_Base):
+    """Each way around the schedule raises on every rank, in time."""
+
+    def _check_raises(self, item, *, usable_again=True):
+        self._init()
+        started = time.monotonic()
+        with self.assertRaisesRegex(RuntimeError, _BYPASS):
+            parallel_map(item, range(_ITEMS), max_workers=4)
+        self.assertLess(time.monotonic() - started, _PG_TIMEOUT_S)
+        self._assert_clean()
+        if usable_again:
+            self._assert_usable_again()
+            self._assert_clean()
+
+    def test_process_group_method(self):
+        def item(i):
+            time.sleep(self.delays[i])
+            t = self._value(i)
+            dist.group.WORLD.allreduce([t]).wait()
+            return t[0].item()
+
+        self._check_raises(item)
+
+    def test_thread_started_by_fn(self):
+        def item(i):
+            time.sleep(self.delays[i])
+            t = self._value(i)
+            thread = threading.Thread(target=dist.all_reduce, args=(t,))
+            thread.start()
+            thread.join()
+            return t[0].item()
+
+        self._check_raises(item)
+
+    def test_coalescing_manager(self):
+        def item(i):
+            time.sleep(self.delays[i])
+            t = self._value(i)
+            with dist._coalescing_manager():
+                dist.all_reduce(t)
+            return t[0].item()
+
+        self._check_raises(item)
+
+    def test_ddp_forward_broadcasts_buffers(self):
+        model = None
+
+        def item(i):
+            time.sleep(self.delays[i])
+            model(torch.randn(4, 2))
+            t = self._value(i)
+            dist.all_reduce(t)
+            return t[0].item()
+
+        # Its construction is scheduled like any step outside parallel_map.
+        self._init()
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.BatchNorm1d(2))
+        self._check_raises_after_init(item)
+
+    def test_ddp_construction(self):
+        def item(i):
+            time.sleep(self.delays[i])
+            torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+            t = self._value(i)
+            dist.all_reduce(t)
+            return t[0].item()
+
+        self._check_raises(item, usable_again=False)
+
+    def _check_raises_after_init(self, item):
+        started = time.monotonic()
+        with self.assertRaisesRegex(RuntimeError, _BYPASS):
+            parallel_map(item, range(_ITEMS), max_workers=4)
+        self.assertLess(time.monotonic() - started, _PG_TIMEOUT_S)
+        self._assert_clean()
+        self._assert_usable_again()
+
+    @skip_if_lt_x_gpu(1)
+    def test_backward_on_autograd_device_thread(self):
+        # CUDA backward runs on autograd's device threads, which have no hook.
+        class ReduceGrad(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x.clone()
+
+            @staticmethod
+            def backward(ctx, grad):
+                grad = grad.clone()
+                dist.all_reduce(grad)
+                return grad
+
+        def item(i):
+            time.sleep(self.delays[i])
+            x = self._value(i).cuda().requires_grad_()
+            ReduceGrad.apply(x).sum().backward()
+            return x.grad.tolist()
+
+        self._check_raises(item)
+
+    def test_detection_can_be_turned_off(self):
+        self._init()
+        os.environ["TORCH_DISTRIBUTED_THREADING_DETECT_BYPASS"] = "0"
+        try:
+            def item(i):
+                t = self._value(i)
+                dist.group.WORLD.allreduce([t]).wait()  # values may pair up wrongly
+                return t.shape
+
+            self.assertEqual(parallel_map(item, range(4), max_workers=2), [(2,)] * 4)
+        finally:
+            del os.environ["TORCH_DISTRIBUTED_THREADING_DETECT_BYPASS"]
+
+
+if __name__ == "__main__":
+    run_tests()

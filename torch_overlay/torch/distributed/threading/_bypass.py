@@ -1,0 +1,263 @@
+"""Detect collectives that reach a process group outside the schedule.
+
+A collective that a worker issues without going through the schedule is
+issued in a timing-dependent order: on another rank it pairs up with a
+different collective, and the job computes wrong numbers, or hangs, without
+an error. The schedule sees every Python entry point and every functional
+collective op, but not a direct ``ProcessGroup`` method call, a C++ caller
+(DDP's parameter checks and buffer broadcasts, autograd's device threads
+running a backward that communicates), nor a thread that ``fn`` starts.
+
+Process groups count the collectives issued on them
+(``_get_sequence_number_for_group``; gloo counts point-to-point transfers
+too). The detector snapshots those counters when the schedule starts; the
+thread that issues a collective at its turn (the coordinating thread, or a
+worker at its turn) checks, right before issuing, that no counter has moved
+since the last issue ended, and reads them again right after: every change
+outside these short windows is a collective the schedule did not issue (the
+coordinating thread advancing the iterable, which runs at fixed points of the
+schedule and may issue collectives itself, does so in such a window too). At
+the end of the call every group is checked once more, groups created
+meanwhile included. Nothing here depends on how many collectives a call
+issues, which differs between calls and backends (gloo's object collectives
+issue two or three, its ``reduce_scatter`` two).
+
+What it cannot see: a collective issued by another thread exactly while the
+schedule issues (it counts as the schedule's); in practice such code issues
+again outside the window and is caught then. ``dist._coalescing_manager``
+holds collectives back in process-wide state instead of issuing them: workers
+may not enter it (their hook refuses it), and the schedule refuses to issue
+while it is active.
+
+Detecting after the fact is not always enough: a collective that pairs with
+one of a different size makes gloo abort the process. So the C++ entry points
+that Python code reaches before issuing (``dist._broadcast_coalesced`` and
+``dist._verify_params_across_processes``, which DistributedDataParallel calls
+when it is built and to broadcast buffers in ``forward``) refuse to run on a
+worker thread, before anything is issued (:func:`refuse_cpp_collectives`).
+
+A mismatch raises :class:`CollectiveBypassError` naming the groups whose
+counters moved and the likely causes. Backends without counters (fake and
+custom groups) are skipped. ``TORCH_DISTRIBUTED_THREADING_DETECT_BYPASS=0``
+turns detection off.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any, TYPE_CHECKING
+
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+
+from torch.distributed.distributed_c10d import _collective_hook
+
+from ._calls import call_coordinated
+
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Collection
+
+    from ._calls import Call
+
+
+__all__: list[str] = []
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "TORCH_DISTRIBUTED_THREADING_DETECT_BYPASS"
+
+# Calls that may create process groups, whose counters are then read too.
+_MAY_CREATE_GROUPS = frozenset(
+    {"new_group", "new_subgroups", "split_group", call_coordinated.__name__}
+)
+
+_CAUSES = (
+    "Ranks match collectives by order, so results may be wrong or the job may hang. "
+    "Likely causes: a direct ProcessGroup method call in fn (use the torch.distributed "
+    "function instead); a C++ caller such as DistributedDataParallel (construct and run "
+    "DDP outside parallel_map); a thread that fn starts and that issues collectives "
+    "(issue them from fn itself); a collective in a backward pass run by autograd's "
+    f"device threads (run backward outside parallel_map). Set {ENV_VAR}=0 to turn "
+    "this check off."
+)
+
+
+class CollectiveBypassError(RuntimeError):
+    """A collective reached a process group without going through the schedule."""
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_VAR, "1") not in ("0", "false", "False", "no", "off")
+
+
+def _group_name(group: dist.ProcessGroup) -> str:
+    try:
+        name: str = group.group_name
+    except Exception:
+        name = "?"
+    if group is c10d.GroupMember.WORLD:
+        return f"the default group ({name!r})"
+    return f"group {name!r} (ranks {dist.get_process_group_ranks(group)})"
+
+
+def _counters(group: dist.ProcessGroup) -> list[Callable[[], int]]:
+    """The counters of ``group``'s backends; empty when they have none."""
+    found: list[Callable[[], int]] = []
+    seen: set[int] = set()
+    for device in group._device_types:
+        backend = group._get_backend(device)
+        if id(backend) in seen:
+            continue
+        seen.add(id(backend))
+        read: Callable[[], int] | None = getattr(backend, "_get_sequence_number_for_group", None)
+        if read is None:
+            continue
+        try:
+            read()
+        except Exception:  # no counter: a fake or custom backend
+            continue
+        found.append(read)
+    return found
+
+
+def coalescing_manager_error(what: str) -> CollectiveBypassError:
+    return CollectiveBypassError(
+        f"parallel_map: dist._coalescing_manager {what}: it holds the collectives of "
+        "every thread back in process-wide state and issues them from the thread that "
+        "leaves it, outside the schedule. Inside parallel_map use all_reduce_coalesced, "
+        "or coalesce_all_reduces=True."
+    )
+
+
+class BypassDetector:
+    """Checks that the process groups count nothing between the schedule's issues."""
+
+    def __init__(self, exclude: Collection[dist.ProcessGroup] = ()) -> None:
+        self._exclude = {id(group) for group in exclude}
+        # Where dist._coalescing_manager keeps its state (one dict, process-wide).
+        self._coalescing: dict[Any, Any] = c10d._world.pg_coalesce_state
+        # One counter per backend; a group with several backends has several.
+        self._readers: list[Callable[[], int]] = []
+        self._groups: list[dist.ProcessGroup] = []  # the group of each counter
+        self._counts: list[int] = []  # after the last issue
+        self._seen: list[int] = []  # at the last check
+        self._snapshot()
+
+    def _snapshot(self) -> None:
+        """Find the groups and read their counters."""
+        self._readers, self._groups = [], []
+        if dist.is_initialized():
+            for group in list(c10d._world.pg_map):
+                if id(group) not in self._exclude:
+                    for read in _counters(group):
+                        self._readers.append(read)
+                        self._groups.append(group)
+        self._counts = [read() for read in self._readers]
+
+    def unchanged(self) -> bool:
+        """Whether no group counted a collective since the last issue ended."""
+        self._seen = [read() for read in self._readers]
+        return self._seen == self._counts
+
+    def clear_to_issue(self) -> bool:
+        """Whether :meth:`before_issue` would not raise."""
+        return not self._coalescing and self.unchanged()
+
+    def before_issue(self, call: Call) -> None:
+        """Raise if anything reached a group since the last issue; call right before issuing."""
+        if self._coalescing:
+            raise coalescing_manager_error(f"cannot issue {call.name} while it is active")
+        if not self.unchanged():
+            self._raise(f"before {call.name}", [])
+
+    def after_issue(self, call: Call) -> None:
+        """Right after ``call`` was issued (or failed to), by the same thread."""
+        if call.fn.__name__ in _MAY_CREATE_GROUPS:
+            self._snapshot()
+        else:
+            self._counts = [read() for read in self._readers]
+
+    def before_iterable(self) -> None:
+        """Like :meth:`before_issue`, before the coordinator advances the iterable.
+
+        The iterable runs on the coordinating thread at fixed points of the
+        schedule, so the collectives it issues itself are in the schedule.
+        """
+        if not self.unchanged():
+            self._raise("before advancing the iterable", [])
+
+    def after_iterable(self) -> None:
+        """Right after the iterable yielded, ended or raised (it may have made groups)."""
+        self._snapshot()
+
+    def at_end(self) -> None:
+        created = self._created_groups()
+        if not self.unchanged() or created:
+            self._raise("at the end of parallel_map", created)
+
+    def _raise(self, where: str, created: list[tuple[dist.ProcessGroup, int]]) -> None:
+        moved: dict[int, tuple[dist.ProcessGroup, int]] = {}
+        for group, before, now in zip(self._groups, self._counts, self._seen, strict=True):
+            if now != before:
+                moved[id(group)] = (group, moved.get(id(group), (group, 0))[1] + now - before)
+        described = [f"{_group_name(group)} +{n}" for group, n in moved.values()] + [
+            f"{_group_name(group)}, created outside the schedule, +{n}" for group, n in created
+        ]
+        raise CollectiveBypassError(
+            "parallel_map: a collective reached a process group outside the schedule "
+            f"(detected {where}): {', '.join(described)} collective(s) that the schedule "
+            f"did not issue. {_CAUSES}"
+        )
+
+    def _created_groups(self) -> list[tuple[dist.ProcessGroup, int]]:
+        """Groups the detector does not know, that counted collectives."""
+        if not dist.is_initialized():
+            return []
+        known = {id(group) for group in self._groups} | self._exclude
+        created = []
+        for group in list(c10d._world.pg_map):
+            readers = [] if id(group) in known else _counters(group)
+            if count := sum(read() for read in readers):
+                created.append((group, count))
+        return created
+
+
+def make_detector(exclude: Collection[dist.ProcessGroup]) -> BypassDetector | None:
+    """A detector for a top-level schedule, or None when detection is off."""
+    if not enabled():
+        return None
+    return BypassDetector(exclude)
+
+
+# torch.distributed functions that issue collectives from C++, and who calls them.
+_CPP_COLLECTIVES = {
+    "_broadcast_coalesced": "DistributedDataParallel's construction and buffer broadcast",
+    "_verify_params_across_processes": "DistributedDataParallel's construction",
+}
+
+
+def _refusing_on_workers(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def refuse_on_workers(*args: Any, **kwargs: Any) -> Any:
+        if _collective_hook.fn is not None:
+            raise CollectiveBypassError(
+                f"torch.distributed.{name} was called on a parallel_map worker thread. It "
+                f"issues collectives from C++, outside the schedule ({_CPP_COLLECTIVES[name]} "
+                "call it). Construct DistributedDataParallel and run its forward and "
+                "backward outside parallel_map; parallelize the per-item work around it."
+            )
+        return original(*args, **kwargs)
+
+    refuse_on_workers.__wrapped_cpp_collective__ = True  # type: ignore[attr-defined]
+    return refuse_on_workers
+
+
+def refuse_cpp_collectives() -> None:
+    """Make the C++ collectives reached from Python refuse to run on workers; idempotent."""
+    for name in _CPP_COLLECTIVES:
+        original = getattr(dist, name, None)
+        if original is not None and not hasattr(original, "__wrapped_cpp_collective__"):
+            setattr(dist, name, _refusing_on_workers(name, original))
