@@ -132,6 +132,10 @@ def coalescing_manager_error(what: str) -> CollectiveBypassError:
     )
 
 
+def _group_ids() -> set[int]:
+    return {id(group) for group in c10d._world.pg_map} if dist.is_initialized() else set()
+
+
 class BypassDetector:
     """Checks that the process groups count nothing between the schedule's issues."""
 
@@ -144,6 +148,8 @@ class BypassDetector:
         self._groups: list[dist.ProcessGroup] = []  # the group of each counter
         self._counts: list[int] = []  # after the last issue
         self._seen: list[int] = []  # at the last check
+        self._before_iterable: list[int] = []
+        self._groups_before_iterable: set[int] = set()
         self._snapshot()
 
     def _snapshot(self) -> None:
@@ -181,17 +187,35 @@ class BypassDetector:
             self._counts = [read() for read in self._readers]
 
     def before_iterable(self) -> None:
-        """Like :meth:`before_issue`, before the coordinator advances the iterable.
+        """Right before the coordinator advances the iterable.
 
         The iterable runs on the coordinating thread at fixed points of the
-        schedule, so the collectives it issues itself are in the schedule.
+        schedule, so what it issues itself is the schedule's. Nothing is
+        raised here: a change seen now is still seen at the next issue.
         """
-        if not self.unchanged():
-            self._raise("before advancing the iterable", [])
+        self._before_iterable = [read() for read in self._readers]
+        self._groups_before_iterable = _group_ids()
 
     def after_iterable(self) -> None:
-        """Right after the iterable yielded, ended or raised (it may have made groups)."""
-        self._snapshot()
+        """Right after the iterable yielded, ended or raised, by the same thread.
+
+        Counts what it issued as the schedule's, and learns the groups it
+        created; what moved before it, and groups created before it, stay
+        changes.
+        """
+        now = [read() for read in self._readers]
+        self._counts = [
+            count + after - before
+            for count, before, after in zip(self._counts, self._before_iterable, now, strict=True)
+        ]
+        if dist.is_initialized():
+            known = self._groups_before_iterable | self._exclude
+            for group in list(c10d._world.pg_map):
+                if id(group) not in known:
+                    for read in _counters(group):
+                        self._readers.append(read)
+                        self._groups.append(group)
+                        self._counts.append(read())
 
     def at_end(self) -> None:
         created = self._created_groups()
