@@ -5,7 +5,8 @@
 * Added latency per intercepted collective: one item issues N scalar
   all_reduces under parallel_map (the other slot's item has none), against
   the same N calls made directly by the calling thread, with the bypass
-  detector on (the default) and off. gloo, world size 1.
+  detector on (the default) and off, and under the synchronous round-robin
+  baseline (_round_robin.py). gloo, world size 1.
 * The bypass detector's own cost per issue: its check before and its read
   after an issue, timed directly on the default group.
 * Inactive hook: a plain all_reduce loop with the overlay installed and
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from _bench import header, interleaved_medians, table
+from _round_robin import round_robin_map
 
 REPO = Path(__file__).resolve().parent.parent
 _LOOP = """
@@ -68,8 +70,12 @@ def added_latency(calls: int, repeat: int) -> dict[str, float]:
         finally:
             del os.environ[_bypass.ENV_VAR]
 
+    def round_robin() -> None:
+        round_robin_map(lambda i: loop() if i == 0 else None, range(2), max_workers=2)
+
     medians = interleaved_medians(
-        {"direct": loop, "intercepted": intercepted, "detector off": intercepted_detector_off},
+        {"direct": loop, "intercepted": intercepted, "detector off": intercepted_detector_off,
+         "round robin": round_robin},
         repeat=repeat,
     )
     per_call = {name: value / calls for name, value in medians.items()}
@@ -136,7 +142,8 @@ def main() -> None:
     table(["case", "direct us/call", "intercepted us/call", "added us/call"],
           [[f"parallel_map worker vs calling thread, {name}", direct * 1e6,
             cost[key] * 1e6, (cost[key] - direct) * 1e6]
-           for name, key in (("detector on", "intercepted"), ("detector off", "detector off"))])
+           for name, key in (("detector on", "intercepted"), ("detector off", "detector off"),
+                             ("synchronous round-robin baseline", "round robin"))])
     print(f"\nbypass detector per issue (check + read, one group): "
           f"{cost['detector per issue'] * 1e9:.0f} ns")
     if args.smoke:

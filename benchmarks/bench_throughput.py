@@ -8,6 +8,8 @@ with W until the coordinating thread itself is the limit. The coalesced
 columns use coalesce_all_reduces=True: the calls met in one visit of the
 slots share one collective, which pays off where a collective costs more
 than the copies around it (a round trip to another rank, not world size 1).
+The round-robin columns time the same items under the synchronous
+round-robin design (_round_robin.py), the baseline parallel_map replaces.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import torch.distributed as dist
 from _bench import header, interleaved_medians, table
 from _launch import run_ranks
+from _round_robin import round_robin_map
 
 
 def _rank_body(calls: int, repeat: int, workers: list[int]) -> None:
@@ -30,29 +33,36 @@ def _rank_body(calls: int, repeat: int, workers: list[int]) -> None:
         for _ in range(calls):
             dist.all_reduce(t)
 
-    def run(w: int, coalesce: bool):
+    def run(w: int, how: str):
+        def call(fn, items, max_workers):
+            if how == "round robin":
+                return round_robin_map(fn, items, max_workers)
+            return parallel_map(fn, items, max_workers=max_workers,
+                                coalesce_all_reduces=how == "coalesced")
+
         # max_workers=1 would run inline (not intercepted): time a 1-worker
         # schedule as one item beside an empty one.
         if w == 1:
-            return lambda: parallel_map(lambda i: item(i) if i == 0 else None, range(2),
-                                        max_workers=2, coalesce_all_reduces=coalesce)
-        return lambda: parallel_map(item, range(w), max_workers=w,
-                                    coalesce_all_reduces=coalesce)
+            return lambda: call(lambda i: item(i) if i == 0 else None, range(2), 2)
+        return lambda: call(item, range(w), w)
 
-    variants = {(w, c): run(w, c) for w in workers for c in (False, True)}
+    hows = ("plain", "coalesced", "round robin")
+    variants = {(w, how): run(w, how) for w in workers for how in hows}
     medians = interleaved_medians(variants, repeat=repeat)
     if dist.get_rank() != 0:
         return
     header(f"coordinator throughput: gloo world {dist.get_world_size()}, {calls} tiny "
            f"all_reduces per item, median of {repeat}")
-    base = workers[0] * calls / medians[workers[0], False]
+    base = workers[0] * calls / medians[workers[0], "plain"]
     rows = []
     for w in workers:
-        rate = w * calls / medians[w, False]
-        coalesced = w * calls / medians[w, True]
-        rows.append([w, rate, rate / base, coalesced, coalesced / rate])
-    table(["workers", "all_reduces/s", "vs 1 worker", "coalesced all_reduces/s",
-           "coalesced vs not"], rows)
+        rate, coalesced, round_robin = (
+            w * calls / medians[w, how] for how in ("plain", "coalesced", "round robin")
+        )
+        rows.append([w, rate, rate / base, round_robin, rate / round_robin, coalesced,
+                     coalesced / rate])
+    table(["workers", "all_reduces/s", "vs 1 worker", "round-robin all_reduces/s",
+           "vs round robin", "coalesced all_reduces/s", "coalesced vs not"], rows)
 
 
 def main() -> None:

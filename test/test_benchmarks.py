@@ -14,5 +14,5 @@ def test_benchmarks_smoke():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for title in ("## workload", "## interception overhead", "## coordinator throughput",
-                  "## scaling"):
+                  "## scaling", "## schedule trace"):
         assert title in out.stdout, title

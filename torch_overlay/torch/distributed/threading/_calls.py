@@ -135,6 +135,9 @@ class Call:
     def name(self) -> str:
         return op_name(self.fn, self.kwargs)
 
+    def __str__(self) -> str:
+        return f"{self.name} (item {self.item}, call {self.seq})"
+
     def issue(self) -> Any:
         """Issue on the coordinating thread, on the worker's CUDA stream,
         under the calling item's modes."""

@@ -29,6 +29,9 @@ at the latest when its visit comes back round. It passes no turn while it
 holds calls, as those must go first, and a worker never takes the turn for
 a call the coordinator would hold.
 
+Items, waits for a turn and issues are spans in a ``torch.profiler`` trace
+(see ``_profiling``).
+
 Whoever issues (the coordinator, or a worker at its turn) does so inside the
 bypass detector's window (see ``_bypass``): it checks right before issuing
 that no process group counted a collective since the last issue, and reads
@@ -73,6 +76,7 @@ from ._caller_state import ItemModes
 from ._calls import Call, cuda_is_initialized, plan_for
 from ._coalescing import coalescing_key, issue_coalesced
 from ._pool import pool
+from ._profiling import span
 
 
 if TYPE_CHECKING:
@@ -349,7 +353,8 @@ class _Worker:
             while (run := self._feeder.take()) is not None:
                 self._run = run
                 try:
-                    result = self._state.run(self._fn, run.item, own_stream, index=run.index)
+                    with span("item", run.index):
+                        result = self._state.run(self._fn, run.item, own_stream, index=run.index)
                 except BaseException as error:  # the coordinator owns every error
                     run.events.put(_Finished(error=error))
                 else:
@@ -381,7 +386,8 @@ class _Worker:
         self.waiting_on, self.waiting_for_issue = call, True
         run.events.put(call)
         run.calls += 1
-        reply = run.replies.get()
+        with span("wait", call.name):
+            reply = run.replies.get()
         self.waiting_for_issue = False
         try:
             if reply is _STOP:
@@ -410,7 +416,8 @@ class _Worker:
             # anything else, so this issue is alone and in the schedule's order.
             _collective_hook.fn = None  # issue for real, do not hand over again
             try:
-                issued = call.plan.issue(call.fn, call.kwargs)
+                with span("issue", call):
+                    issued = call.plan.issue(call.fn, call.kwargs)
             finally:
                 if self._detector is not None:
                     self._detector.after_issue(call)
@@ -431,7 +438,7 @@ class _Worker:
             return "idle"
         if call is None:
             return f"item {run.index}: running fn"
-        what = f"{call.name} (item {call.item}, call {call.seq})"
+        what = str(call)
         if for_issue:
             return f"item {run.index}: waiting for the coordinator to issue {what}"
         return f"item {run.index}: waiting for {what} to complete"
@@ -683,7 +690,8 @@ class Schedule:
         if detector is not None:
             detector.before_issue(held[0][1])
         try:
-            parts = issue_coalesced([call for _, call in held])
+            with span("issue", f"{len(held)} all_reduces coalesced"):
+                parts = issue_coalesced([call for _, call in held])
             replies = [_Reply(part) for part in parts]
         except Exception as error:  # raised in each worker, as serial code would
             replies = [_Reply(error=error if n == 0 else _copy_of(error)) for n in range(len(held))]
@@ -704,7 +712,8 @@ class Schedule:
         if detector is not None:
             detector.before_issue(call)
         try:
-            reply = _Reply(call.issue())
+            with span("issue", call):
+                reply = _Reply(call.issue())
         except Exception as error:  # raised where serial code would: in the worker
             reply = _Reply(error=error)
         finally:

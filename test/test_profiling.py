@@ -1,0 +1,43 @@
+# Owner(s): ["oncall: distributed"]
+"""parallel_map's schedule shows in a torch.profiler trace, per thread."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.distributed.threading import _profiling, parallel_map
+
+from fake_collectives import IssueLog, fake_collective
+
+
+def test_trace_shows_items_waits_and_issues_per_thread():
+    log = IssueLog()
+
+    def item(i: int) -> int:
+        if i == 0:  # the schedule waits at slot 0 while item 1 calls early
+            time.sleep(0.05)
+        fake_collective(log, (i, 0))
+        fake_collective(log, (i, 1))
+        return i
+
+    # Python threads are recorded only with profile_all_threads.
+    config = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, experimental_config=config) as prof:
+        assert parallel_map(item, range(4), max_workers=2) == [0, 1, 2, 3]
+    events = [(e.name, e.thread) for e in prof.events()]
+    names = [name for name, _ in events]
+    for i in range(4):
+        assert names.count(f"parallel_map item {i}") == 1
+        for k in range(2):
+            assert names.count(f"parallel_map issue fake_collective (item {i}, call {k})") == 1
+    assert "parallel_map wait fake_collective" in names  # item 1 waited for its turn
+    item_threads = {thread for name, thread in events if name.startswith("parallel_map item")}
+    assert len(item_threads) == 2  # the two workers
+    issuing = {thread for name, thread in events if name.startswith("parallel_map issue")}
+    assert issuing - item_threads  # the coordinating thread issues too
+
+
+def test_no_span_without_a_profiler():
+    assert _profiling.span("item", 0) is _profiling.span("issue", 1)  # the shared no-op
