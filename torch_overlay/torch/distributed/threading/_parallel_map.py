@@ -14,7 +14,7 @@ from torch._C._distributed_c10d import DebugLevel, get_debug_level
 from torch.distributed.distributed_c10d import _collective_hook
 
 from . import _op_hook
-from ._bypass import make_detector, refuse_cpp_collectives
+from ._bypass import make_detector, refuse_cpp_collectives, RefuseProcessGroupCallsOnWorkers
 from ._caller_state import CallerState
 from ._calls import call_coordinated
 from ._coordinator import Schedule
@@ -214,7 +214,10 @@ def parallel_map(
             detector=detector,
             coalesce=coalesce_all_reduces,
         )
-        return schedule.run()
+        if nested:  # the outer call refuses direct process-group calls
+            return schedule.run()
+        with RefuseProcessGroupCallsOnWorkers():
+            return schedule.run()
     finally:
         # Worker threads set the process-wide default that new threads start with.
         torch.set_num_threads(caller_threads)
@@ -230,6 +233,11 @@ def coordinated(fn: Callable[..., _R]) -> Callable[..., _R]:
     this point of its schedule, as it would a collective: use it for calls
     that are not thread-safe or whose order must be the same on every rank.
     Called anywhere else, it simply calls ``fn``.
+
+    ``torch.compile`` does not trace into the returned function: compiled
+    code breaks its graph there and calls it, so the call is handed over at
+    run time. Under ``fullgraph=True`` compiling such code raises; call the
+    function outside the compiled region instead.
 
     Args:
         fn: The function to wrap.
@@ -255,4 +263,11 @@ def coordinated(fn: Callable[..., _R]) -> Callable[..., _R]:
         result: _R = hook(call_coordinated, target=fn, args=args, kwargs=kwargs)
         return result
 
-    return run_on_coordinator
+    # Traced, fn would be inlined into the graph and run by each worker itself.
+    opaque: Callable[..., _R] = torch._dynamo.disable(  # type: ignore[no-untyped-call]
+        run_on_coordinator,
+        reason="torch.distributed.threading.coordinated functions run on parallel_map's "
+        "coordinating thread at run time; call them outside a fullgraph=True region",
+    )
+    opaque.__wrapped__ = fn  # type: ignore[attr-defined]
+    return opaque
