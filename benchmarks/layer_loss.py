@@ -208,7 +208,7 @@ class DecoderOutputs:
     bbox_preds: list[torch.Tensor]  # per layer: (B, Q, 4)
 
     @classmethod
-    def create(cls, layers: int = 6, images: int = 2, queries: int = 100,
+    def create(cls, layers: int = 6, images: int = 2, queries: int = 300,
                num_classes: int = 20, max_targets: int = 20, seed: int = 0) -> DecoderOutputs:
         """Synthetic but plausible outputs: later layers are closer to the targets.
 
