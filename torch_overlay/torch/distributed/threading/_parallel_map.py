@@ -6,7 +6,7 @@ import functools
 import itertools
 import os
 import threading
-from typing import Any, TYPE_CHECKING, TypeVar
+from typing import Any, overload, TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -52,10 +52,45 @@ def _default_max_workers() -> int:
     return max(1, min(32, cpus // ranks_here))
 
 
+@overload
 def parallel_map(
     fn: Callable[[_T], _R],
     iterable: Iterable[_T],
+    /,
     *,
+    strict: bool = ...,
+    max_workers: int | None = ...,
+    intra_op_threads: int | None = ...,
+    check_schedule: bool | None = ...,
+    report_hang_after: float | None = ...,
+    stream_per_worker: bool = ...,
+    coalesce_all_reduces: bool = ...,
+) -> list[_R]: ...
+
+
+@overload
+def parallel_map(
+    fn: Callable[..., _R],
+    iterable: Iterable[Any],
+    iterable2: Iterable[Any],
+    /,
+    *iterables: Iterable[Any],
+    strict: bool = ...,
+    max_workers: int | None = ...,
+    intra_op_threads: int | None = ...,
+    check_schedule: bool | None = ...,
+    report_hang_after: float | None = ...,
+    stream_per_worker: bool = ...,
+    coalesce_all_reduces: bool = ...,
+) -> list[_R]: ...
+
+
+def parallel_map(
+    fn: Callable[..., _R],
+    iterable: Iterable[Any],
+    /,
+    *iterables: Iterable[Any],
+    strict: bool = False,
     max_workers: int | None = None,
     intra_op_threads: int | None = None,
     check_schedule: bool | None = None,
@@ -65,7 +100,8 @@ def parallel_map(
 ) -> list[_R]:
     """Apply ``fn`` to every item on worker threads, with collectives made safe.
 
-    Equivalent to ``[fn(x) for x in iterable]``, but items run concurrently on
+    Equivalent to ``list(map(fn, iterable, *iterables))``, so to
+    ``[fn(x) for x in iterable]`` with one iterable, but items run concurrently on
     up to ``max_workers`` threads, which pays off on free-threaded Python
     (3.14t) and whenever ``fn`` spends time outside the GIL. ``fn`` may call
     ``torch.distributed`` collectives, point-to-point operations, object
@@ -96,8 +132,16 @@ def parallel_map(
     by the time the exception is raised.
 
     Args:
-        fn: Called once per item, on a worker thread.
+        fn: Called once per item, on a worker thread, with one argument
+            per iterable, as by :func:`map`.
         iterable: The items; consumed once, lazily, on the calling thread.
+        *iterables: More iterables, consumed in step with ``iterable``:
+            item ``i`` calls ``fn(iterable[i], iterables[0][i], ...)``. As
+            with :func:`map` and :func:`zip`, the items end with the shortest
+            iterable.
+        strict: With several iterables, raise a ``ValueError`` (as
+            ``zip(..., strict=True)`` does, in place of the first missing
+            item) if they do not all have the same length.
         max_workers: Number of worker threads. Must be the same on every
             rank. Defaults to the CPUs available to this process divided by
             ``LOCAL_WORLD_SIZE`` (set by torchrun), at most 32. With 1, or a
@@ -136,10 +180,10 @@ def parallel_map(
             other slots. Every rank coalesces the same calls.
 
     Returns:
-        ``fn``'s results, in the order of ``iterable``.
+        ``fn``'s results, in the order of the items.
 
     Raises:
-        TypeError: ``fn`` is not callable or ``iterable`` is not iterable.
+        TypeError: ``fn`` is not callable or an iterable is not iterable.
         ValueError: ``max_workers`` or ``intra_op_threads`` is less than 1,
             or ``report_hang_after`` is not positive.
         RuntimeError: another thread is running a ``parallel_map`` that is not
@@ -159,10 +203,23 @@ def parallel_map(
         ...     dist.all_reduce(loss)
         ...     return loss.item()
         >>> losses = parallel_map(step, batches, max_workers=4)
+
+    With several iterables, as :func:`map` (``multi_apply`` of detection
+    code: call per pair, then one list per output)::
+
+        >>> # xdoctest: +SKIP("needs an initialized process group")
+        >>> def layer_loss(cls_scores, bbox_preds):
+        ...     ...  # match, encode labels, all_reduce the number of positives
+        ...     return loss_cls, loss_bbox
+        >>> results = parallel_map(layer_loss, all_cls_scores, all_bbox_preds)
+        >>> losses_cls, losses_bbox = map(list, zip(*results))
     """
     if not callable(fn):
         raise TypeError(f"parallel_map() expects a callable fn, got {type(fn).__name__}")
     items = iter(iterable)  # TypeError for a non-iterable, as in a for loop
+    if iterables:  # as map(): fn(*item), items up to the shortest iterable
+        items = zip(items, *[iter(it) for it in iterables], strict=strict)
+        fn = _star(fn)
     if max_workers is None:
         max_workers = _default_max_workers()
     elif isinstance(max_workers, bool) or not isinstance(max_workers, int):
@@ -223,6 +280,15 @@ def parallel_map(
         torch.set_num_threads(caller_threads)
         if not nested:
             _top_level.release()
+
+
+def _star(fn: Callable[..., _R]) -> Callable[[tuple[Any, ...]], _R]:
+    """``fn`` taking its arguments as one tuple, as items of several iterables come."""
+
+    def call_with_args(args: tuple[Any, ...]) -> _R:
+        return fn(*args)
+
+    return call_with_args
 
 
 def coordinated(fn: Callable[..., _R]) -> Callable[..., _R]:
