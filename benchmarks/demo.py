@@ -1,11 +1,22 @@
-"""Demo: a serial loop with a collective per item, then the same on threads.
+"""Demo: a loop with a collective per item, serial and with ``parallel_map``.
 
-    scripts/demo [--world-size N] [--items N] [--max-workers N] [--repeat N]
+    scripts/demo [--workload loss|seed] [--world-size N] [--items N]
+                 [--max-workers N] [--repeat N]
 
-Runs the workload of ``workload.py`` (tensor ops, a Python loop and a scalar
-``all_reduce`` per item) as ``[work(x) for x in items]`` and as
-``parallel_map(work, items)`` on every rank, checks that every rank's
-parallel results equal its serial ones, and prints both times.
+``loss`` (default): the item is one decoder layer's loss of a DETR-style
+detector (``layer_loss.py``): Hungarian matching of predictions to targets in
+Python, label encoding, a few small tensor ops and a ``reduce_mean``-style
+``all_reduce`` of the number of positives, which every loss term divides by.
+The loop is ``multi_apply``-style, one call per layer over two lists:
+``parallel_map(layer_loss, cls_scores, bbox_preds)``.
+
+``seed``: the first demo's item (``workload.py``): 256x256 matmuls, a Python
+loop and a scalar ``all_reduce``; the serial loop already uses both cores in
+its matmuls, so threads have little to add.
+
+Both loops run on every rank, interleaved, ``--repeat`` times; every rank
+checks that ``parallel_map``'s results equal its serial loop's, and rank 0
+prints the median times of each rank.
 """
 
 from __future__ import annotations
@@ -14,71 +25,119 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.threading import parallel_map
 
 from _launch import gil_enabled, interpreter_summary, run_ranks
+from layer_loss import DecoderOutputs
 from workload import Workload
 
+DESCRIPTIONS = {
+    "loss": "item = one decoder layer's loss (DETR-style): Hungarian matching in Python, "
+            "label encoding, small tensor ops, all_reduce of the number of positives",
+    "seed": "item = 10 x two 256x256 matmuls, a 16,000-step Python loop, a scalar all_reduce",
+}
+DEFAULT_ITEMS = {"loss": 6, "seed": 8}
 
-def _rank_body(items: int, max_workers: int, repeat: int, cores_per_rank: int) -> None:
+
+def _loop(workload: str, items: int) -> tuple[Callable[..., Any], Sequence[Sequence[Any]]]:
+    """The item function and its argument lists, for this rank."""
+    if workload == "loss":
+        # Data parallel: every rank has its own images, hence its own positives.
+        outputs = DecoderOutputs.create(layers=items, seed=dist.get_rank())
+        return outputs.loss, (outputs.cls_scores, outputs.bbox_preds)
+    work = Workload.create()
+    return work, ([work.item_input(i) for i in range(items)],)
+
+
+def _rank_body(workload: str, items: int, max_workers: int, repeat: int,
+               cores_per_rank: int) -> None:
     torch.set_num_threads(cores_per_rank)
     rank = dist.get_rank()
-    work = Workload.create()
-    inputs = [work.item_input(i) for i in range(items)]
-    serial_times, parallel_times = [], []
+    fn, lists = _loop(workload, items)
     # Reference results, computed with the intra-op thread count each worker
-    # uses: matmul's summation order depends on it, and with it equal the
-    # results must match bit for bit.
+    # uses: a reduction's summation order can depend on it, and with it equal
+    # the results must match bit for bit.
     worker_threads = max(1, cores_per_rank // max_workers)
     torch.set_num_threads(worker_threads)
-    expected = [work(x) for x in inputs]
+    expected = list(map(fn, *lists))
     torch.set_num_threads(cores_per_rank)
-    [work(x) for x in inputs]  # warm-up
-    for _ in range(repeat):  # interleaved, so drift in the machine hits both
+    # The serial loop runs with the rank's cores as intra-op threads, as by
+    # default, and with the workers' count: small kernels can be slower split
+    # over threads (much slower when other processes hold the cores), so the
+    # speedup is taken over the faster of the two.
+    thread_counts = sorted({cores_per_rank, worker_threads})
+    serial_times: dict[int, list[float]] = {n: [] for n in thread_counts}
+    parallel_times: list[float] = []
+    for n in thread_counts:  # warm-up
+        torch.set_num_threads(n)
+        list(map(fn, *lists))
+    torch.set_num_threads(cores_per_rank)
+    parallel_map(fn, *lists, max_workers=max_workers)
+    for _ in range(repeat):  # interleaved, so drift in the machine hits all
+        # Most threads first: idle OpenMP threads spin for a while after a
+        # parallel region, which should not land on a loop that runs threads.
+        for n in reversed(thread_counts):
+            torch.set_num_threads(n)
+            t0 = time.perf_counter()
+            list(map(fn, *lists))
+            serial_times[n].append(time.perf_counter() - t0)
+        torch.set_num_threads(cores_per_rank)
         t0 = time.perf_counter()
-        [work(x) for x in inputs]
-        t1 = time.perf_counter()
-        parallel = parallel_map(work, inputs, max_workers=max_workers)
-        t2 = time.perf_counter()
-        serial_times.append(t1 - t0)
-        parallel_times.append(t2 - t1)
+        parallel = parallel_map(fn, *lists, max_workers=max_workers)
+        parallel_times.append(time.perf_counter() - t0)
         if parallel != expected:
             raise SystemExit(f"rank {rank}: parallel_map results {parallel} differ from "
                              f"the serial loop's {expected}")
-    outcomes = [None] * dist.get_world_size()
-    dist.all_gather_object(outcomes, (gil_enabled(), statistics.median(serial_times),
-                                      statistics.median(parallel_times)))
+    best = min(thread_counts, key=lambda n: statistics.median(serial_times[n]))
+    ratios = sorted(s / p for s, p in zip(serial_times[best], parallel_times, strict=True))
+    outcomes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, (gil_enabled(), best, statistics.median(serial_times[best]),
+                                      statistics.median(parallel_times), ratios[0], ratios[-1]))
     if rank == 0:
-        print(interpreter_summary())
-        print(f"world size {dist.get_world_size()}, {items} items, max_workers={max_workers}, "
-              f"{cores_per_rank} core(s) per rank, median of {repeat} interleaved runs")
-        for r, (gil, serial_s, parallel_s) in enumerate(outcomes):
-            print(f"rank {r}: GIL {'on ' if gil else 'off'}  serial {serial_s * 1e3:8.1f} ms  "
-                  f"parallel_map {parallel_s * 1e3:8.1f} ms  speedup {serial_s / parallel_s:4.2f}x")
-        print("results: on every rank, parallel_map's results equal the serial loop's bit for "
-              "bit (serial run with the workers' intra-op thread count)")
+        print(DESCRIPTIONS[workload])
+        print(f"{interpreter_summary()}; world size {dist.get_world_size()}, {items} items, "
+              f"max_workers={max_workers}, {cores_per_rank} core(s) per rank, "
+              f"median of {repeat} interleaved runs")
+        print(f"{'rank':>4}  {'GIL':3}  {'serial':>9}  {'parallel_map':>12}  {'speedup':>7}  "
+              f"{'per-run range':>13}")
+        for r, (gil, _, serial_s, parallel_s, low, high) in enumerate(outcomes):
+            print(f"{r:>4}  {'on' if gil else 'off':3}  {serial_s * 1e3:6.1f} ms  "
+                  f"{parallel_s * 1e3:9.1f} ms  {serial_s / parallel_s:6.2f}x  "
+                  f"{low:5.2f}-{high:.2f}x")
+        used = sorted({n for _, n, *_ in outcomes})
+        print(f"serial: the faster of the loop with {' and '.join(map(str, thread_counts))} "
+              f"intra-op thread(s) (here {' / '.join(map(str, used))}); parallel_map: "
+              f"{worker_threads} per worker")
+        print(f"results: on every rank, parallel_map's {items} results equal the serial "
+              "loop's, every run")
 
 
 def main() -> None:
     cores = os.cpu_count() or 1
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=sorted(DESCRIPTIONS), default="loss",
+                        help="loss: per-decoder-layer loss (default); seed: the first demo's item")
     # Threads only help when a rank has more than one core: on a 2-core machine
     # one rank gets both.
     parser.add_argument("--world-size", type=int, default=1 if cores < 4 else 2)
-    parser.add_argument("--items", type=int, default=8)
+    parser.add_argument("--items", type=int, default=None,
+                        help="decoder layers (loss, default 6) or items (seed, default 8)")
     parser.add_argument("--max-workers", type=int, default=None,
                         help="default: cores per rank")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=15)
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", args.world_size))
     cores_per_rank = max(1, cores // world)
     max_workers = args.max_workers or cores_per_rank
-    run_ranks(args.world_size, "gloo", _rank_body, args.items, max_workers, args.repeat,
-              cores_per_rank)
+    items = args.items or DEFAULT_ITEMS[args.workload]
+    run_ranks(args.world_size, "gloo", _rank_body, args.workload, items, max_workers,
+              args.repeat, cores_per_rank)
 
 
 if __name__ == "__main__":

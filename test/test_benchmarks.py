@@ -16,3 +16,17 @@ def test_benchmarks_smoke():
     for title in ("## workload", "## interception overhead", "## coordinator throughput",
                   "## scaling", "## schedule trace"):
         assert title in out.stdout, title
+
+
+def test_demo_both_workloads_two_ranks():
+    # The demo raises SystemExit on any rank whose parallel results differ from
+    # its serial loop's; two ranks, so the all_reduce pairs items across ranks.
+    for workload, lines in (("loss", 2), ("seed", 2)):
+        out = subprocess.run([sys.executable, "demo.py", "--workload", workload,
+                              "--world-size", "2", "--max-workers", "2", "--items", "4",
+                              "--repeat", "2"],
+                             cwd=BENCHMARKS, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        rows = [line for line in out.stdout.splitlines() if line.lstrip().startswith(("0 ", "1 "))]
+        assert len(rows) == lines, out.stdout
+        assert "results equal the serial loop's" in out.stdout, out.stdout

@@ -9,7 +9,9 @@ the same (item, call, op) sequence.
 
 import contextlib
 import datetime
+import functools
 import importlib
+import itertools
 import logging
 import pkgutil
 import random
@@ -702,6 +704,70 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
             results = parallel_map(lambda x: _all_reduce_value(x, r), sampler(), max_workers=3)
         self.assertEqual(results, [ws * i * 10 + ws * (ws - 1) // 2 for i in range(7)])
         self._assert_same_on_every_rank(issued)
+        self._assert_clean()
+
+    def test_several_iterables(self):
+        self._init()
+        ws, r = self.world_size, self.rank
+
+        def item(i, label, scale=1):
+            t = _full(i * 10 + r)
+            dist.all_reduce(t)
+            return label, t[0].item() * scale
+
+        def serial(i, label, scale=1):
+            return label, (ws * i * 10 + ws * (ws - 1) // 2) * scale
+
+        scales = [3, 1, 4, 1, 5]
+        for max_workers in (1, 2, 3):
+            with self.subTest(max_workers=max_workers), _recording_schedule() as issued:
+                # As map(): fn gets one argument per iterable, the items stop at the
+                # shortest iterable, an endless one is fine, and each iterator is
+                # advanced exactly as far as map advances it.
+                labels, serial_labels = iter("abcdefgh"), iter("abcdefgh")
+                results = parallel_map(
+                    item, itertools.count(), labels, scales, max_workers=max_workers
+                )
+                self.assertEqual(
+                    results, list(map(serial, itertools.count(), serial_labels, scales))
+                )
+                self.assertEqual(list(labels), list(serial_labels))
+                self._assert_same_on_every_rank(issued)
+                self.assertEqual(
+                    parallel_map(item, [7], "z", max_workers=max_workers), [serial(7, "z")]
+                )
+                self.assertEqual(parallel_map(item, [], "z", max_workers=max_workers), [])
+
+        # The multi_apply recipe of the docs: keyword arguments through partial,
+        # one list per output.
+        def multi_apply(func, *lists, **kwargs):
+            results = parallel_map(functools.partial(func, **kwargs), *lists, max_workers=2)
+            return tuple(map(list, zip(*results, strict=True)))
+
+        out_labels, values = multi_apply(item, range(5), "vwxyz", scale=2)
+        self.assertEqual(out_labels, list("vwxyz"))
+        self.assertEqual(values, [serial(i, "", 2)[1] for i in range(5)])
+
+        # strict=True: equal lengths pass; a shorter iterable raises zip's
+        # ValueError in place of its first missing item, after the items before it.
+        self.assertEqual(
+            parallel_map(item, range(3), "abc", max_workers=2, strict=True),
+            [serial(i, c) for i, c in zip(range(3), "abc", strict=True)],
+        )
+        done = []
+
+        def recording(i, label):
+            done.append(i)
+            return item(i, label)
+
+        with self.assertRaisesRegex(ValueError, "argument 2 is shorter than argument 1"):
+            parallel_map(recording, range(6), "abcd", max_workers=2, strict=True)
+        self.assertEqual(sorted(done), [0, 1, 2, 3])
+        t = _full(r)  # the ranks are still in step
+        dist.all_reduce(t)
+        self.assertEqual(t, _full(ws * (ws - 1) // 2))
+        with self.assertRaisesRegex(TypeError, "'int' object is not iterable"):
+            parallel_map(item, range(3), 5, max_workers=2)
         self._assert_clean()
 
     def test_coordinated(self):

@@ -11,6 +11,7 @@ group that the next parallel_map can use. Items sleep for random times that
 differ between ranks, so that an unscheduled collective pairs up wrongly.
 """
 
+import copy
 import datetime
 import os
 import random
@@ -25,9 +26,9 @@ import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.distributed_c10d import _collective_hook
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.threading import _pool, parallel_map
+from torch.distributed.threading import _op_hook, _pool, coordinated, parallel_map
 from torch.testing._internal.common_distributed import MultiProcessTestCase, skip_if_lt_x_gpu
-from torch.testing._internal.common_utils import run_tests
+from torch.testing._internal.common_utils import run_tests, TestCase
 
 
 _ITEMS = 12
@@ -123,6 +124,42 @@ class CompiledCollectivesTest(_Base):
                 self.assertEqual([t.tolist() for t in out], list(expected(5)))
         self._assert_clean()
 
+    def test_coordinated_in_compiled_code(self):
+        # Traced, a coordinated function would be inlined and run by each worker
+        # in timing order; it breaks the graph instead, and fullgraph says why.
+        self._init()
+        acc = torch.zeros(1)
+
+        @coordinated
+        def record(x):  # order-sensitive
+            acc.mul_(2).add_(x)
+
+        def step(x):
+            record(x.sum())
+            return x * 2
+
+        def run(fn):
+            acc.zero_()
+
+            def item(i):
+                time.sleep(self.delays[i])
+                return fn(torch.full((1,), float(i))).item()
+
+            parallel_map(item, range(_ITEMS), max_workers=4)
+            return acc.item()
+
+        torch._dynamo.reset()
+        compiled = torch.compile(step, backend="eager")
+        compiled(torch.zeros(1))  # compiled first on the caller
+        self.assertEqual(run(compiled), run(step))
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, run(compiled))
+        self.assertEqual(len(set(gathered)), 1, gathered)
+        torch._dynamo.reset()
+        with self.assertRaisesRegex(Exception, "coordinating thread at run time"):
+            torch.compile(step, backend="eager", fullgraph=True)(torch.zeros(1))
+        torch._dynamo.reset()
+
     def test_compiled_eager(self):
         self._check_backend("eager")
 
@@ -154,6 +191,20 @@ class BypassDetectionTest(_Base):
             return t[0].item()
 
         self._init()
+        self._check_raises(item)
+
+    def test_process_group_outside_the_registry(self):
+        # Built directly, the group has no counter the detector knows of: the
+        # call itself must refuse.
+        def item(i):
+            time.sleep(self.delays[i])
+            t = self._value(i)
+            side.allreduce([t]).wait()
+            return t[0].item()
+
+        self._init()
+        store = dist.PrefixStore("side", dist.distributed_c10d._get_default_store())
+        side = dist.ProcessGroupGloo(store, self.rank, self.world_size)
         self._check_raises(item)
 
     def test_thread_started_by_fn(self):
@@ -240,6 +291,41 @@ class BypassDetectionTest(_Base):
             self.assertEqual(parallel_map(item, range(4), max_workers=2), [(2,)] * 4)
         finally:
             del os.environ["TORCH_DISTRIBUTED_THREADING_DETECT_BYPASS"]
+
+
+class OpHookTest(TestCase):
+    """What importing torch.distributed.threading does to the functional ops."""
+
+    def test_only_collective_ops_are_hooked(self):
+        # Importing these registers more ops in the same namespaces: which ops
+        # are hooked must not depend on it (ranks may import differently).
+        import torch.distributed.tensor
+
+        _op_hook.install()
+        hooked = set()
+        for qualified in torch._C._dispatch_get_all_op_names():
+            namespace, _, name = qualified.partition("::")
+            if namespace in _op_hook.COLLECTIVE_OPS:
+                packet = getattr(getattr(torch.ops, namespace), name)
+                if isinstance(packet._op, _op_hook._HookedOp):
+                    hooked.add(qualified)
+        self.assertEqual(hooked, set(_op_hook.collective_op_names()))
+        self.assertIn("_c10d_functional::all_reduce", hooked)
+        for name in ("wait_tensor", "_wrap_tensor_autograd"):
+            self.assertNotIn(f"_c10d_functional::{name}", hooked)
+
+    def test_ops_unchanged_outside_parallel_map(self):
+        op = torch.ops._c10d_functional.all_reduce.default
+        self.assertIsInstance(op._op, _op_hook._HookedOp)
+        self.assertIs(type(op), torch._ops.OpOverload)
+        self.assertEqual(hash(op), hash(op._op._original))
+        self.assertIs(copy.deepcopy(op._op), op._op)
+        self.assertIs(copy.copy(op._op), op._op)
+
+        def f(x: torch.Tensor, group: str) -> torch.Tensor:
+            return torch.ops._c10d_functional.all_reduce(x, "sum", group)
+
+        torch.jit.script(f)  # the packet's callable is still a TorchScript builtin
 
 
 if __name__ == "__main__":

@@ -29,6 +29,17 @@ holds collectives back in process-wide state instead of issuing them: workers
 may not enter it (their hook refuses it), and the schedule refuses to issue
 while it is active.
 
+A window around an issue that runs long (an object collective, group
+creation, a ``coordinated`` function all run to completion on the issuing
+thread) would hide another thread's collective, and a process group built
+outside ``torch.distributed``'s registry has no counter that the detector
+knows of. So while a top-level call runs, the collective methods of
+``ProcessGroup`` and ``Backend`` refuse to run on its worker threads
+(:class:`RefuseProcessGroupCallsOnWorkers`), before anything is issued: a
+worker's collectives go through the schedule, which issues them with the
+hook off. The counters are for what that cannot see: C++ callers, and
+threads that ``fn`` starts.
+
 Detecting after the fact is not always enough: a collective that pairs with
 one of a different size makes gloo abort the process. So the C++ entry points
 that Python code reaches before issuing (``dist._broadcast_coalesced`` and
@@ -49,6 +60,7 @@ import logging
 import os
 from typing import Any, TYPE_CHECKING
 
+import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
@@ -285,3 +297,64 @@ def refuse_cpp_collectives() -> None:
         original = getattr(dist, name, None)
         if original is not None and not hasattr(original, "__wrapped_cpp_collective__"):
             setattr(dist, name, _refusing_on_workers(name, original))
+
+
+# The collective methods of ProcessGroup and Backend (a release has a subset).
+_PROCESS_GROUP_METHODS = (
+    "allreduce", "allreduce_coalesced", "broadcast", "allgather", "_allgather_base",
+    "allgather_coalesced", "allgather_into_tensor_coalesced", "all_gather_single",
+    "all_gather_single_coalesced", "gather", "scatter", "reduce", "reduce_scatter",
+    "_reduce_scatter_base", "reduce_scatter_single", "reduce_scatter_single_coalesced",
+    "reduce_scatter_tensor_coalesced", "alltoall", "alltoall_base", "all_to_all_single",
+    "barrier", "monitored_barrier", "send", "recv", "recv_anysource", "_start_coalescing",
+    "_end_coalescing",
+)
+
+
+def _refusing_method(cls_name: str, name: str, original: Any) -> Callable[..., Any]:
+    def refuse_on_workers(self: Any, /, *args: Any, **kwargs: Any) -> Any:
+        if _collective_hook.fn is not None:
+            raise CollectiveBypassError(
+                f"parallel_map: {cls_name}.{name} was called directly on a worker thread; "
+                "it would issue a collective outside the schedule. Call the "
+                "torch.distributed function instead (dist.all_reduce, dist.broadcast, "
+                "...), which parallel_map schedules."
+            )
+        return original(self, *args, **kwargs)
+
+    refuse_on_workers.__name__ = refuse_on_workers.__qualname__ = name
+    refuse_on_workers.__doc__ = getattr(original, "__doc__", None)
+    return refuse_on_workers
+
+
+class RefuseProcessGroupCallsOnWorkers:
+    """While entered, ProcessGroup's and Backend's collective methods raise on workers.
+
+    Entered by a top-level parallel_map around its schedule, so that code
+    outside parallel_map pays nothing; not reentrant.
+    """
+
+    _replaced: list[tuple[type[Any], str, Any, Callable[..., Any]]] | None = None
+
+    @classmethod
+    def _targets(cls) -> list[tuple[type[Any], str, Any, Callable[..., Any]]]:
+        if cls._replaced is None:
+            targets: list[tuple[type[Any], str, Any, Callable[..., Any]]] = []
+            # Backend: the C++ class that ProcessGroupGloo and the others derive
+            # from (c10d.Backend is the Python class of backend names).
+            for owner in (dist.ProcessGroup, torch._C._distributed_c10d.Backend):
+                for name in _PROCESS_GROUP_METHODS:
+                    if name in owner.__dict__:
+                        original = owner.__dict__[name]
+                        refusing = _refusing_method(owner.__name__, name, original)
+                        targets.append((owner, name, original, refusing))
+            cls._replaced = targets
+        return cls._replaced
+
+    def __enter__(self) -> None:
+        for owner, name, _, refusing in self._targets():
+            setattr(owner, name, refusing)
+
+    def __exit__(self, *exc: object) -> None:
+        for owner, name, original, _ in self._targets():
+            setattr(owner, name, original)

@@ -7,16 +7,20 @@ traces through them (it does not trace into the hook, see
 in, ``torch.ops._c10d_functional.*``; ``aot_eager``'s FX graph and inductor's
 Python wrapper code then call those ops directly. DTensor's redistributions
 traced by AOTAutograd end up the same way. So the ops check the hook
-themselves: :func:`install` wraps the callable that each ``OpOverload`` and
-``OpOverloadPacket`` of those namespaces calls (its ``_op``) in a
+themselves: :func:`install` wraps the callable that the ``OpOverload`` and
+``OpOverloadPacket`` of each collective op calls (its ``_op``) in a
 :class:`_HookedOp`, which hands the call to the hook when the current thread
 has one, and otherwise calls the original, at the cost of one thread-local
 lookup.
 
 The op objects keep their type and hash (inductor checks ``type(op) is
-OpOverload``, and ops are dict keys), so only the callable changes, and
-every graph, traced on any thread, is the same graph. ``wait_tensor`` only
-waits for an issued collective, so it is left alone: the worker waits itself.
+OpOverload``, and ops are dict keys), their copies are themselves, and a
+packet's callable stays a TorchScript builtin, so only what a call does on a
+worker changes, and every graph, traced on any thread, is the same graph.
+The ops are a fixed list (``COLLECTIVE_OPS``): the namespaces also hold ops
+that are not collectives, and which of those exist depends on what the
+process imported, which must not change the schedule of one rank only.
+``wait_tensor`` only waits for an issued collective: the worker waits itself.
 
 These ops only enqueue the collective and return its output, so whoever
 issues them at their turn in the schedule issues them without waiting.
@@ -42,9 +46,25 @@ if TYPE_CHECKING:
 
 __all__: list[str] = []
 
-# Namespaces whose ops issue a collective (or a point-to-point transfer).
-NAMESPACES = ("_c10d_functional", "_c10d_functional_autograd", "_dtensor")
-_NOT_COLLECTIVES = frozenset({"_c10d_functional::wait_tensor"})
+# The ops that issue a collective (or a point-to-point transfer), by namespace.
+# A fixed list, not whatever the namespaces hold: other ops live there too
+# (funcol's Python-defined _wrap_tensor_autograd, DTensor's
+# mesh_get_process_group, wait_tensor, which only waits), and which of those
+# are registered depends on what a process imported. Ops a release lacks are
+# skipped.
+COLLECTIVE_OPS = {
+    "_c10d_functional": (
+        "all_gather_into_tensor", "all_gather_into_tensor_coalesced",
+        "all_gather_into_tensor_out", "all_reduce", "all_reduce_", "all_reduce_coalesced",
+        "all_reduce_coalesced_", "all_to_all_single", "batch_p2p_ops", "broadcast",
+        "broadcast_", "irecv", "isend", "reduce_scatter_tensor",
+        "reduce_scatter_tensor_coalesced", "reduce_scatter_tensor_out",
+    ),
+    "_c10d_functional_autograd": (
+        "all_gather_into_tensor", "all_to_all_single", "reduce_scatter_tensor",
+    ),
+    "_dtensor": ("shard_dim_alltoall",),
+}
 
 _install_lock = threading.Lock()
 
@@ -52,11 +72,14 @@ _install_lock = threading.Lock()
 class _HookedOp:
     """Stands in for an op's C++ callable; see the module docstring."""
 
-    __slots__ = ("_op", "_original")
+    __slots__ = ("__weakref__", "_op", "_original")
 
     def __init__(self, op: Any, original: Callable[..., Any]) -> None:
         self._op = op  # the OpOverload or OpOverloadPacket that calls us
         self._original = original
+        # TorchScript resolves a packet by its callable: keep it a builtin.
+        if (builtin := torch.jit._builtins._find_builtin(original)) is not None:  # type: ignore[no-untyped-call]
+            torch.jit._builtins._register_builtin(self, builtin)
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         if (hook := _collective_hook.fn) is None:
@@ -67,7 +90,15 @@ class _HookedOp:
         return hash(self._original)  # OpOverload's hash is its callable's
 
     def __getattr__(self, name: str) -> Any:
+        if name in _HookedOp.__slots__:  # not set yet: a copy being built
+            raise AttributeError(name)
         return getattr(self._original, name)
+
+    def __copy__(self) -> _HookedOp:
+        return self  # like the op objects themselves
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _HookedOp:
+        return self
 
     def __repr__(self) -> str:
         return f"_HookedOp({self._original!r})"
@@ -80,11 +111,13 @@ def _hook(op: Any) -> None:
 
 def collective_op_names() -> list[str]:
     """Qualified names (``namespace::name``) of the ops :func:`install` hooks."""
-    return sorted(
-        name
-        for name in torch._C._dispatch_get_all_op_names()
-        if name.split("::")[0] in NAMESPACES and name not in _NOT_COLLECTIVES
-    )
+    registered = set(torch._C._dispatch_get_all_op_names())
+    return [
+        qualified
+        for namespace, names in COLLECTIVE_OPS.items()
+        for name in names
+        if (qualified := f"{namespace}::{name}") in registered
+    ]
 
 
 def install() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from typing import Any, TYPE_CHECKING, TypeVar
+from typing import Any, overload, TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -13,7 +13,7 @@ from torch._C._distributed_c10d import DebugLevel, get_debug_level
 from torch.distributed.distributed_c10d import _collective_hook
 
 from . import _op_hook
-from ._bypass import make_detector, refuse_cpp_collectives
+from ._bypass import make_detector, refuse_cpp_collectives, RefuseProcessGroupCallsOnWorkers
 from ._caller_state import CallerState
 from ._calls import call_coordinated
 from ._coordinator import Schedule
@@ -76,10 +76,45 @@ def _default_max_workers() -> int:
     return max(1, min(32, cpus // ranks_here))
 
 
+@overload
 def parallel_map(
     fn: Callable[[_T], _R],
     iterable: Iterable[_T],
+    /,
     *,
+    strict: bool = ...,
+    max_workers: int | None = ...,
+    intra_op_threads: int | None = ...,
+    check_schedule: bool | None = ...,
+    report_hang_after: float | None = ...,
+    stream_per_worker: bool = ...,
+    coalesce_all_reduces: bool = ...,
+) -> list[_R]: ...
+
+
+@overload
+def parallel_map(
+    fn: Callable[..., _R],
+    iterable: Iterable[Any],
+    iterable2: Iterable[Any],
+    /,
+    *iterables: Iterable[Any],
+    strict: bool = ...,
+    max_workers: int | None = ...,
+    intra_op_threads: int | None = ...,
+    check_schedule: bool | None = ...,
+    report_hang_after: float | None = ...,
+    stream_per_worker: bool = ...,
+    coalesce_all_reduces: bool = ...,
+) -> list[_R]: ...
+
+
+def parallel_map(
+    fn: Callable[..., _R],
+    iterable: Iterable[Any],
+    /,
+    *iterables: Iterable[Any],
+    strict: bool = False,
     max_workers: int | None = None,
     intra_op_threads: int | None = None,
     check_schedule: bool | None = None,
@@ -89,7 +124,8 @@ def parallel_map(
 ) -> list[_R]:
     """Apply ``fn`` to every item on worker threads, with collectives made safe.
 
-    Equivalent to ``[fn(x) for x in iterable]``, but items run concurrently on
+    Equivalent to ``list(map(fn, iterable, *iterables))``, so to
+    ``[fn(x) for x in iterable]`` with one iterable, but items run concurrently on
     up to ``max_workers`` threads, which pays off on free-threaded Python
     (3.14t) and whenever ``fn`` spends time outside the GIL. ``fn`` may call
     ``torch.distributed`` collectives, point-to-point operations, object
@@ -138,9 +174,17 @@ def parallel_map(
     loop would not (the hang report says so).
 
     Args:
-        fn: Called once per item, on a worker thread.
+        fn: Called once per item, on a worker thread, with one argument
+            per iterable, as by :func:`map`.
         iterable: The items; consumed once, lazily, on the calling thread,
             up to ``max_workers`` items ahead of the schedule.
+        *iterables: More iterables, consumed in step with ``iterable``:
+            item ``i`` calls ``fn(iterable[i], iterables[0][i], ...)``. As
+            with :func:`map` and :func:`zip`, the items end with the shortest
+            iterable.
+        strict: With several iterables, raise a ``ValueError`` (as
+            ``zip(..., strict=True)`` does, in place of the first missing
+            item) if they do not all have the same length.
         max_workers: Number of worker threads. Must be the same on every
             rank. Defaults to the CPUs available to this process divided by
             ``LOCAL_WORLD_SIZE`` (set by torchrun), at most 32. With 1 (and
@@ -179,10 +223,10 @@ def parallel_map(
             other slots. Every rank coalesces the same calls.
 
     Returns:
-        ``fn``'s results, in the order of ``iterable``.
+        ``fn``'s results, in the order of the items.
 
     Raises:
-        TypeError: ``fn`` is not callable or ``iterable`` is not iterable.
+        TypeError: ``fn`` is not callable or an iterable is not iterable.
         ValueError: ``max_workers`` or ``intra_op_threads`` is less than 1,
             or ``report_hang_after`` is not positive.
         RuntimeError: another thread is running a top-level ``parallel_map``;
@@ -207,10 +251,23 @@ def parallel_map(
         ...     dist.all_reduce(loss)
         ...     return loss.item()
         >>> losses = parallel_map(step, batches, max_workers=4)
+
+    With several iterables, as :func:`map` (``multi_apply`` of detection
+    code: call per pair, then one list per output)::
+
+        >>> # xdoctest: +SKIP("needs an initialized process group")
+        >>> def layer_loss(cls_scores, bbox_preds):
+        ...     ...  # match, encode labels, all_reduce the number of positives
+        ...     return loss_cls, loss_bbox
+        >>> results = parallel_map(layer_loss, all_cls_scores, all_bbox_preds)
+        >>> losses_cls, losses_bbox = map(list, zip(*results))
     """
     if not callable(fn):
         raise TypeError(f"parallel_map() expects a callable fn, got {type(fn).__name__}")
     items = iter(iterable)  # TypeError for a non-iterable, as in a for loop
+    if iterables:  # as map(): fn(*item), items up to the shortest iterable
+        items = zip(items, *[iter(it) for it in iterables], strict=strict)
+        fn = _star(fn)
     if max_workers is None:
         max_workers = _default_max_workers()
     elif isinstance(max_workers, bool) or not isinstance(max_workers, int):
@@ -259,12 +316,24 @@ def parallel_map(
             detector=detector,
             coalesce=coalesce_all_reduces,
         )
-        return schedule.run()
+        if nested:  # the outer call refuses direct process-group calls
+            return schedule.run()
+        with RefuseProcessGroupCallsOnWorkers():
+            return schedule.run()
     finally:
         # Worker threads set the process-wide default that new threads start with.
         torch.set_num_threads(caller_threads)
         if outermost and _owner == me:
             _release_top_level()
+
+
+def _star(fn: Callable[..., _R]) -> Callable[[tuple[Any, ...]], _R]:
+    """``fn`` taking its arguments as one tuple, as items of several iterables come."""
+
+    def call_with_args(args: tuple[Any, ...]) -> _R:
+        return fn(*args)
+
+    return call_with_args
 
 
 def coordinated(fn: Callable[..., _R]) -> Callable[..., _R]:
@@ -276,6 +345,11 @@ def coordinated(fn: Callable[..., _R]) -> Callable[..., _R]:
     it would a collective, under the calling item's modes: use it for calls
     that are not thread-safe or whose order must be the same on every rank.
     Called anywhere else, it simply calls ``fn``.
+
+    ``torch.compile`` does not trace into the returned function: compiled
+    code breaks its graph there and calls it, so the call is handed over at
+    run time. Under ``fullgraph=True`` compiling such code raises; call the
+    function outside the compiled region instead.
 
     Args:
         fn: The function to wrap.
@@ -301,4 +375,11 @@ def coordinated(fn: Callable[..., _R]) -> Callable[..., _R]:
         result: _R = hook(call_coordinated, target=fn, args=args, kwargs=kwargs)
         return result
 
-    return run_on_coordinator
+    # Traced, fn would be inlined into the graph and run by each worker itself.
+    opaque: Callable[..., _R] = torch._dynamo.disable(  # type: ignore[no-untyped-call]
+        run_on_coordinator,
+        reason="torch.distributed.threading.coordinated functions run on parallel_map's "
+        "coordinating thread at run time; call them outside a fullgraph=True region",
+    )
+    opaque.__wrapped__ = fn  # type: ignore[attr-defined]
+    return opaque
