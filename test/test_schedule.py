@@ -515,7 +515,7 @@ def test_base_exception_from_the_iterable_is_raised():
     assert all(t.is_alive() for t in worker_threads())
 
 
-def _refused_from_another_thread(**kwargs: object) -> list[str]:
+def _refused_from_another_thread(items: object, **kwargs: object) -> list[str]:
     inside = threading.Event()
     release = threading.Event()
     log = IssueLog()
@@ -529,7 +529,7 @@ def _refused_from_another_thread(**kwargs: object) -> list[str]:
     def other_thread():
         inside.wait(timeout=10)
         try:
-            parallel_map(lambda i: fake_collective(log, i), **kwargs)
+            parallel_map(lambda i: fake_collective(log, i), items, **kwargs)
         except RuntimeError as e:
             errors.append(str(e))
         finally:
@@ -544,9 +544,9 @@ def _refused_from_another_thread(**kwargs: object) -> list[str]:
 
 
 def test_one_worker_or_one_item_from_another_thread_is_refused():
-    for kwargs in ({"iterable": range(3), "max_workers": 1}, {"iterable": [5], "max_workers": 4}):
-        errors = _refused_from_another_thread(**kwargs)
-        assert len(errors) == 1 and "already running on another thread" in errors[0], kwargs
+    for items, max_workers in ((range(3), 1), ([5], 4)):
+        errors = _refused_from_another_thread(items, max_workers=max_workers)
+        assert len(errors) == 1 and "already running on another thread" in errors[0], items
 
 
 def test_parallel_map_inside_a_coordinated_function():
