@@ -4,9 +4,10 @@ A collective that a worker issues without going through the schedule is
 issued in a timing-dependent order: on another rank it pairs up with a
 different collective, and the job computes wrong numbers, or hangs, without
 an error. The schedule sees every Python entry point and every functional
-collective op, but not a direct ``ProcessGroup`` method call, a C++ caller
-(DDP's parameter checks and buffer broadcasts, autograd's device threads
-running a backward that communicates), nor a thread that ``fn`` starts.
+collective op, but not a direct ``ProcessGroup`` method call (refused, see
+below), a C++ caller (DDP's parameter checks and buffer broadcasts, its
+reducer, autograd's device threads running a backward that communicates), nor
+a thread that ``fn`` starts.
 
 Process groups count the collectives issued on them
 (``_get_sequence_number_for_group``; gloo counts point-to-point transfers
@@ -22,9 +23,11 @@ meanwhile included. Nothing here depends on how many collectives a call
 issues, which differs between calls and backends (gloo's object collectives
 issue two or three, its ``reduce_scatter`` two).
 
-What it cannot see: a collective issued by another thread exactly while the
-schedule issues (it counts as the schedule's); in practice such code issues
-again outside the window and is caught then. ``dist._coalescing_manager``
+What it cannot see: a collective that another thread issues while the
+schedule issues counts as the schedule's. The window is microseconds for an
+asynchronous issue, but a call that runs to completion on the issuing thread
+holds it open throughout; code that bypasses once usually does so again
+outside a window, and is caught then. ``dist._coalescing_manager``
 holds collectives back in process-wide state instead of issuing them: workers
 may not enter it (their hook refuses it), and the schedule refuses to issue
 while it is active.
@@ -63,7 +66,6 @@ from typing import Any, TYPE_CHECKING
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
-
 from torch.distributed.distributed_c10d import _collective_hook
 
 from ._calls import call_coordinated
@@ -331,10 +333,13 @@ class RefuseProcessGroupCallsOnWorkers:
     """While entered, ProcessGroup's and Backend's collective methods raise on workers.
 
     Entered by a top-level parallel_map around its schedule, so that code
-    outside parallel_map pays nothing; not reentrant.
+    outside parallel_map pays nothing. The coordinating thread may start
+    another call (from a coordinated function, say): only the outermost exit
+    restores the methods.
     """
 
     _replaced: list[tuple[type[Any], str, Any, Callable[..., Any]]] | None = None
+    _depth = 0  # entered by one coordinating thread at a time (parallel_map's lock)
 
     @classmethod
     def _targets(cls) -> list[tuple[type[Any], str, Any, Callable[..., Any]]]:
@@ -352,9 +357,15 @@ class RefuseProcessGroupCallsOnWorkers:
         return cls._replaced
 
     def __enter__(self) -> None:
-        for owner, name, _, refusing in self._targets():
-            setattr(owner, name, refusing)
+        cls = type(self)
+        if cls._depth == 0:
+            for owner, name, _, refusing in self._targets():
+                setattr(owner, name, refusing)
+        cls._depth += 1
 
     def __exit__(self, *exc: object) -> None:
-        for owner, name, original, _ in self._targets():
-            setattr(owner, name, original)
+        cls = type(self)
+        cls._depth -= 1
+        if cls._depth == 0:
+            for owner, name, original, _ in self._targets():
+                setattr(owner, name, original)
