@@ -19,7 +19,6 @@ import sys
 import sysconfig
 import threading
 import time
-import unittest
 
 import torch
 import torch.distributed as dist
@@ -161,12 +160,6 @@ class CompiledCollectivesTest(_Base):
             torch.compile(step, backend="eager", fullgraph=True)(torch.zeros(1))
         torch._dynamo.reset()
 
-    @unittest.skip(
-        "open bug: about 1 run in 9 on the GIL build, a heap corruption (malloc: unaligned "
-        "tcache chunk) aborts a rank inside ProcessGroupGloo::allreduce, reached from a "
-        "functional all_reduce that the coordinator issues for an eager-backend graph with "
-        "DTensor; aot_eager and inductor pass; see the closing note of 2026-11-23"
-    )
     def test_compiled_eager(self):
         self._check_backend("eager")
 
