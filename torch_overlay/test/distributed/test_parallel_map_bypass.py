@@ -298,38 +298,54 @@ class BypassDetectionTest(_Base):
 
 
 class OpHookTest(TestCase):
-    """What importing torch.distributed.threading does to the functional ops."""
+    """What torch.distributed.threading does to the functional collective ops."""
 
     def test_only_collective_ops_are_hooked(self):
         # Importing these registers more ops in the same namespaces: which ops
         # are hooked must not depend on it (ranks may import differently).
         import torch.distributed.tensor
 
-        _op_hook.install()
-        hooked = set()
-        for qualified in torch._C._dispatch_get_all_op_names():
-            namespace, _, name = qualified.partition("::")
-            if namespace in _op_hook.COLLECTIVE_OPS:
-                packet = getattr(getattr(torch.ops, namespace), name)
-                if isinstance(packet._op, _op_hook._HookedOp):
-                    hooked.add(qualified)
+        def hooked_ops():
+            hooked = set()
+            for qualified in torch._C._dispatch_get_all_op_names():
+                namespace, _, name = qualified.partition("::")
+                if namespace in _op_hook.COLLECTIVE_OPS:
+                    packet = getattr(getattr(torch.ops, namespace), name)
+                    for op in (packet, *(getattr(packet, o) for o in packet.overloads())):
+                        if isinstance(op._op, _op_hook._HookedOp):
+                            hooked.add(qualified)
+            return hooked
+
+        with _op_hook.HookedOps():
+            hooked = hooked_ops()
         self.assertEqual(hooked, set(_op_hook.collective_op_names()))
         self.assertIn("_c10d_functional::all_reduce", hooked)
         for name in ("wait_tensor", "_wrap_tensor_autograd"):
             self.assertNotIn(f"_c10d_functional::{name}", hooked)
+        self.assertEqual(hooked_ops(), set())  # and none once it returned
 
-    def test_ops_unchanged_outside_parallel_map(self):
+    def test_ops_untouched_outside_parallel_map(self):
+        # Outside parallel_map the ops call what they called before the import:
+        # no wrapper, no cost. The hooked ones keep what callers rely on.
         op = torch.ops._c10d_functional.all_reduce.default
-        self.assertIsInstance(op._op, _op_hook._HookedOp)
-        self.assertIs(type(op), torch._ops.OpOverload)
-        self.assertEqual(hash(op), hash(op._op._original))
-        self.assertIs(copy.deepcopy(op._op), op._op)
-        self.assertIs(copy.copy(op._op), op._op)
+        packet = torch.ops._c10d_functional.all_reduce
+        original, original_packet = op._op, packet._op
+        self.assertNotIsInstance(original, _op_hook._HookedOp)
+        with _op_hook.HookedOps():
+            with _op_hook.HookedOps():  # a nested call from the coordinating thread
+                pass
+            self.assertIsInstance(op._op, _op_hook._HookedOp)  # the inner exit kept it
+            self.assertIs(type(op), torch._ops.OpOverload)
+            self.assertEqual(hash(op), hash(original))
+            self.assertIs(copy.deepcopy(op._op), op._op)
+            self.assertIs(copy.copy(op._op), op._op)
 
-        def f(x: torch.Tensor, group: str) -> torch.Tensor:
-            return torch.ops._c10d_functional.all_reduce(x, "sum", group)
+            def f(x: torch.Tensor, group: str) -> torch.Tensor:
+                return torch.ops._c10d_functional.all_reduce(x, "sum", group)
 
-        torch.jit.script(f)  # the packet's callable is still a TorchScript builtin
+            torch.jit.script(f)  # the packet's callable is still a TorchScript builtin
+        self.assertIs(op._op, original)
+        self.assertIs(packet._op, original_packet)
 
 
 if __name__ == "__main__":

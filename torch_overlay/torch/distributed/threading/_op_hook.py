@@ -7,11 +7,15 @@ traces through them (it does not trace into the hook, see
 in, ``torch.ops._c10d_functional.*``; ``aot_eager``'s FX graph and inductor's
 Python wrapper code then call those ops directly. DTensor's redistributions
 traced by AOTAutograd end up the same way. So the ops check the hook
-themselves: :func:`install` wraps the callable that the ``OpOverload`` and
-``OpOverloadPacket`` of each collective op calls (its ``_op``) in a
-:class:`_HookedOp`, which hands the call to the hook when the current thread
-has one, and otherwise calls the original, at the cost of one thread-local
-lookup.
+themselves: while a top-level ``parallel_map`` runs (:class:`HookedOps`), the
+callable that the ``OpOverload`` and ``OpOverloadPacket`` of each collective
+op calls (its ``_op``) is a :class:`_HookedOp`, which hands the call to the
+hook when the current thread has one, and otherwise calls the original. The
+originals are back as soon as the outermost call returns, so code outside
+``parallel_map`` runs exactly what it ran before (a wrapper that stayed would
+cost every functional collective a Python call and a thread-local lookup,
+about 2,500 instructions). Swapping is safe for threads that call the ops
+meanwhile: the attribute holds either callable, and both issue the op.
 
 The op objects keep their type and hash (inductor checks ``type(op) is
 OpOverload``, and ops are dict keys), their copies are themselves, and a
@@ -66,7 +70,7 @@ COLLECTIVE_OPS = {
     "_dtensor": ("shard_dim_alltoall",),
 }
 
-_install_lock = threading.Lock()
+_hooked_lock = threading.Lock()
 
 
 class _HookedOp:
@@ -104,13 +108,8 @@ class _HookedOp:
         return f"_HookedOp({self._original!r})"
 
 
-def _hook(op: Any) -> None:
-    if not isinstance(op._op, _HookedOp):
-        op._op = _HookedOp(op, op._op)
-
-
 def collective_op_names() -> list[str]:
-    """Qualified names (``namespace::name``) of the ops :func:`install` hooks."""
+    """Qualified names (``namespace::name``) of the ops :class:`HookedOps` hooks."""
     registered = set(torch._C._dispatch_get_all_op_names())
     return [
         qualified
@@ -120,12 +119,47 @@ def collective_op_names() -> list[str]:
     ]
 
 
-def install() -> None:
-    """Hook every functional collective op; idempotent."""
-    with _install_lock:
-        for qualified in collective_op_names():
-            namespace, name = qualified.split("::")
-            packet = getattr(getattr(torch.ops, namespace), name)
-            _hook(packet)
-            for overload in packet.overloads():
-                _hook(getattr(packet, overload))
+# Every packet and overload of the collective ops, with its hooked callable;
+# built once, on first use.
+_hooked: list[tuple[Any, _HookedOp]] | None = None
+
+
+def _hooked_ops() -> list[tuple[Any, _HookedOp]]:
+    global _hooked
+    with _hooked_lock:
+        if _hooked is None:
+            pairs = []
+            for qualified in collective_op_names():
+                namespace, name = qualified.split("::")
+                packet = getattr(getattr(torch.ops, namespace), name)
+                ops = [packet, *(getattr(packet, overload) for overload in packet.overloads())]
+                pairs += [(op, _HookedOp(op, op._op)) for op in ops]
+            _hooked = pairs
+        return _hooked
+
+
+class HookedOps:
+    """While entered, the collective ops hand their calls to the collective hook.
+
+    Entered by a top-level ``parallel_map`` around its schedule, together with
+    :class:`~torch.distributed.threading._bypass.RefuseProcessGroupCallsOnWorkers`
+    and under the same rule: one coordinating thread at a time, which may
+    enter again (a nested call from that thread); the outermost exit puts the
+    original callables back.
+    """
+
+    _depth = 0
+
+    def __enter__(self) -> None:
+        cls = type(self)
+        if cls._depth == 0:
+            for op, hooked in _hooked_ops():
+                op._op = hooked
+        cls._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        cls = type(self)
+        cls._depth -= 1
+        if cls._depth == 0:
+            for op, hooked in _hooked_ops():
+                op._op = hooked._original

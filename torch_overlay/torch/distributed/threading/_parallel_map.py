@@ -26,9 +26,8 @@ if TYPE_CHECKING:
 
 __all__ = ["coordinated", "parallel_map"]
 
-# Compiled code calls the functional collective ops directly, DDP calls C++
-# collectives: hook them once.
-_op_hook.install()
+# DDP calls C++ collectives: make them refuse on workers (compiled code's
+# functional collective ops are hooked while a call runs, see _op_hook).
 refuse_cpp_collectives()
 
 _T = TypeVar("_T")
@@ -318,7 +317,7 @@ def parallel_map(
         )
         if nested:  # the outer call refuses direct process-group calls
             return schedule.run()
-        with RefuseProcessGroupCallsOnWorkers():
+        with RefuseProcessGroupCallsOnWorkers(), _op_hook.HookedOps():
             return schedule.run()
     finally:
         # Worker threads set the process-wide default that new threads start with.
