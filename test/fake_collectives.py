@@ -108,6 +108,19 @@ def fake_failing_collective(log: IssueLog, tag: Any) -> None:
     raise ValueError(f"bad collective {tag}")
 
 
+def fake_collective_doing(
+    log: IssueLog, tag: Any, on_issue: Any, async_op: bool = False
+) -> FakeWork | None:
+    """Like ``fake_collective``, but calls ``on_issue()`` (which may raise) when issued.
+
+    It has an ``async_op`` argument, so a worker may issue it at its turn.
+    """
+    if (hook := _collective_hook.fn) is not None:
+        return hook(fake_collective_doing, log=log, tag=tag, on_issue=on_issue, async_op=async_op)
+    on_issue()
+    return fake_collective(log, tag, async_op=async_op)
+
+
 @dataclass
 class ReferenceRun:
     order: list[tuple[int, int]]  # (item, call number) in issue order

@@ -83,7 +83,9 @@ class _IssueRecorder(logging.Handler):
         self._thread = threading.get_ident()
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self._thread and str(record.msg).startswith("issue #"):
+        # Issues are logged for the coordinating thread, whichever thread issued.
+        coordinator = getattr(record, "coordinator", None)
+        if coordinator == self._thread and str(record.msg).startswith("issue #"):
             _, item, call, op = record.args  # type: ignore[misc]
             # A send on one rank pairs with a recv on its partner.
             self.issued.append((item, call, "p2p" if op in _P2P else op))

@@ -8,7 +8,7 @@ import time
 import torch
 from torch.distributed.threading import _profiling, parallel_map
 
-from fake_collectives import IssueLog, fake_collective
+from fake_collectives import IssueLog, fake_collective, fake_object_collective
 
 
 def test_trace_shows_items_waits_and_issues_per_thread():
@@ -19,6 +19,8 @@ def test_trace_shows_items_waits_and_issues_per_thread():
             time.sleep(0.05)
         fake_collective(log, (i, 0))
         fake_collective(log, (i, 1))
+        if i == 3:
+            fake_object_collective(log, (i, 2))  # always issued by the coordinating thread
         return i
 
     # Python threads are recorded only with profile_all_threads.
@@ -36,7 +38,10 @@ def test_trace_shows_items_waits_and_issues_per_thread():
     item_threads = {thread for name, thread in events if name.startswith("parallel_map item")}
     assert len(item_threads) == 2  # the two workers
     issuing = {thread for name, thread in events if name.startswith("parallel_map issue")}
-    assert issuing - item_threads  # the coordinating thread issues too
+    assert issuing & item_threads  # workers issue at their turn
+    coordinator = {thread for name, thread in events
+                   if name == "parallel_map issue fake_object_collective (item 3, call 2)"}
+    assert len(coordinator) == 1 and not coordinator & item_threads  # so does the coordinator
 
 
 def test_no_span_without_a_profiler():

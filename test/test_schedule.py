@@ -30,6 +30,7 @@ from fake_collectives import (
     IssueLog,
     issue_state,
     fake_collective,
+    fake_collective_doing,
     fake_failing_collective,
     fake_object_collective,
     reference_schedule,
@@ -145,25 +146,135 @@ def test_sync_collective_is_issued_async_and_waited_by_the_worker():
     assert all(name.startswith("parallel_map-worker") for name in waited_in)
 
 
-def test_worker_issues_at_its_turn_only_when_the_coordinator_waits_for_it():
+def test_worker_at_the_turn_issues_and_serves_calls_waiting_at_the_next_slots():
     log = IssueLog()
     ran_on = {}
 
     def item(i: int) -> None:
         ran_on[i] = threading.current_thread()
         if i == 0:
-            time.sleep(0.2)  # the coordinator waits for this slot: it passes the turn
+            time.sleep(0.2)  # nothing at the turn's slot: its worker takes the turn
             fake_collective(log, i)
         elif i == 1:
-            fake_collective(log, i)  # ahead of its turn: handed over
+            fake_collective(log, i)  # ahead of its turn: served by item 0's worker
         else:
-            time.sleep(0.4)  # waited for too, but has no async form: handed over
+            time.sleep(0.4)  # its turn is open too, but it has no async form
             fake_object_collective(log, i)
 
     parallel_map(item, range(3), max_workers=3)
     assert [entry[1] for entry in log.entries] == [0, 1, 2]
-    assert log.threads == [ran_on[0], threading.main_thread(), threading.main_thread()]
+    assert log.threads == [ran_on[0], ran_on[0], threading.main_thread()]
     assert not log.overlapped
+
+
+def test_the_turn_goes_from_worker_to_worker_without_the_coordinator():
+    # Each call arrives while nothing is pending at the turn's slot: its own
+    # worker takes the turn, issues, and leaves the turn open for the next.
+    log = IssueLog()
+    ran_on = {}
+
+    def item(i: int) -> None:
+        ran_on[i] = threading.current_thread()
+        for k in range(3):
+            time.sleep(0.05 if (i, k) == (0, 0) else 0.1)  # item 0 first, then by turns
+            fake_collective(log, (i, k))
+
+    parallel_map(item, range(2), max_workers=2)
+    assert [entry[1] for entry in log.entries] == reference_schedule([3, 3], 2).order
+    assert log.threads == [ran_on[i] for i, _ in reference_schedule([3, 3], 2).order]
+
+
+def test_a_worker_serves_the_waiting_calls_of_the_following_slots_in_order():
+    # Items 1 to 3 post their calls before item 0 does: item 0's worker takes
+    # the turn and issues all four, in the schedule's order, and then stops at
+    # the object collective, which only the coordinator runs.
+    log = IssueLog(hold_s=0.001)
+    ran_on = {}
+    posted = threading.Barrier(3, timeout=10)
+
+    def item(i: int) -> None:
+        ran_on[i] = threading.current_thread()
+        if i == 0:
+            time.sleep(0.3)  # the others' calls are pending by now
+            fake_collective(log, (i, 0))
+            fake_object_collective(log, (i, 1))
+        else:
+            fake_collective(log, (i, 0))
+            posted.wait()  # every item's second call also waits for its turn
+            fake_collective(log, (i, 1))
+
+    parallel_map(item, range(4), max_workers=4)
+    expected = reference_schedule([2, 2, 2, 2], 4).order
+    assert [entry[1] for entry in log.entries] == expected
+    assert log.threads[:4] == [ran_on[0]] * 4
+    assert log.threads[4] is threading.main_thread()  # item 0's object collective
+    assert log.issued_by_schedule()
+
+
+def test_a_failing_issue_on_a_worker_that_holds_the_turn_raises_in_its_own_item():
+    # Item 0's worker holds the turn: its own issue fails, then it serves item
+    # 1's call, whose issue fails too. Each error reaches its own item only,
+    # and the turn goes on: item 2's call is still issued.
+    log = IssueLog()
+
+    def fail(i: int):
+        def raise_it() -> None:
+            raise ValueError(f"bad issue {i}")
+
+        return raise_it
+
+    def item(i: int) -> str:
+        if i == 0:
+            time.sleep(0.2)  # items 1 and 2 have posted their calls by now
+        try:
+            if i == 2:
+                fake_collective(log, i)
+            else:
+                fake_collective_doing(log, i, fail(i))
+        except ValueError as error:
+            return str(error)
+        return "issued"
+
+    assert parallel_map(item, range(3), max_workers=3) == [
+        "bad issue 0", "bad issue 1", "issued"
+    ]
+    assert [entry[1] for entry in log.entries] == [2]
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs pthread_kill")
+def test_ctrl_c_while_a_worker_serves_a_call():
+    # Item 0's worker holds the turn and serves item 1's call, which sends
+    # Ctrl-C to the coordinator while it is being issued. Item 1 still gets
+    # its reply (the call was issued), item 2 gets CancelledError, and the
+    # serving worker issues nothing more.
+    log = IssueLog()
+    outcomes: dict[int, str] = {}
+    main = threading.main_thread().ident
+
+    def interrupt() -> None:
+        signal.pthread_kill(main, signal.SIGINT)
+        time.sleep(0.3)  # the coordinator stops the items meanwhile
+
+    def item(i: int) -> None:
+        try:
+            if i == 0:
+                time.sleep(0.2)  # items 1 and 2 have posted their calls by now
+                fake_collective(log, i)
+            elif i == 1:
+                fake_collective_doing(log, i, interrupt)
+            else:
+                fake_collective(log, i)
+        except RuntimeError as error:
+            outcomes[i] = type(error).__name__
+            raise
+        outcomes[i] = "issued"
+
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        parallel_map(item, range(3), max_workers=3)
+    assert time.monotonic() - start < 5
+    assert outcomes == {0: "issued", 1: "issued", 2: "CancelledError"}
+    assert [entry[1] for entry in log.entries] == [0, 1]
 
 
 def test_failing_collective_raises_in_the_worker():

@@ -33,11 +33,12 @@ from torch.testing._internal.common_utils import run_tests, TestCase
 
 
 class _IssueRecorder(logging.Handler):
-    """Collects (item, call, op) of every collective this thread schedules.
+    """Collects (item, call, op) of every collective the schedule this thread
+    coordinates issues (on this thread, or on a worker holding the turn).
 
-    Nested parallel_map calls log from their own coordinating threads, which
-    hand their collectives to this one: only this thread's record is what the
-    process group sees.
+    Nested parallel_map calls log for their own coordinating threads, which
+    hand their collectives to this one: only this schedule's record is what
+    the process group sees.
     """
 
     def __init__(self):
@@ -46,7 +47,8 @@ class _IssueRecorder(logging.Handler):
         self._thread = threading.get_ident()
 
     def emit(self, record):
-        if record.thread == self._thread and record.msg.startswith("issue #"):
+        coordinator = getattr(record, "coordinator", None)
+        if coordinator == self._thread and record.msg.startswith("issue #"):
             _, item, call, op = record.args
             self.issued.append((item, call, op))
 

@@ -13,7 +13,7 @@ Process groups count the collectives issued on them
 (``_get_sequence_number_for_group``; gloo counts point-to-point transfers
 too). The detector snapshots those counters when the schedule starts; the
 thread that issues a collective at its turn (the coordinating thread, or a
-worker at its turn) checks, right before issuing, that no counter has moved
+worker holding the schedule's turn) checks, right before issuing, that no counter has moved
 since the last issue ended, and reads them again right after: every change
 outside these short windows is a collective the schedule did not issue (the
 coordinating thread advancing the iterable, which runs at fixed points of the

@@ -4,7 +4,9 @@ The schedule only *issues*: a collective that the worker asked for
 synchronously is issued asynchronously and the worker waits on the returned
 ``Work`` itself, so the coordinator is free to issue the next slot's
 collective while this one is in flight. Such single asynchronous calls may
-also be issued by the worker itself, at its turn (see ``_coordinator``).
+also be issued by a worker thread that holds the schedule's turn: the
+calling worker itself, or one serving the calls waiting after its own (see
+``_coordinator``).
 Calls without an asynchronous form (object collectives, group creation,
 ``monitored_barrier``, functions wrapped with
 :func:`~torch.distributed.threading.coordinated`) run to completion on the
@@ -38,8 +40,8 @@ class _IssuePlan:
     """Run at the call's turn in the schedule (``issue``), then on the worker (``finish``)."""
 
     def __init__(self, *, worker_may_issue: bool) -> None:
-        # Whether ``issue`` only enqueues work, so that the worker may run it
-        # itself at its turn; else it runs on the coordinating thread.
+        # Whether ``issue`` only enqueues work, so that a worker holding the
+        # schedule's turn may run it; else it runs on the coordinating thread.
         self.worker_may_issue = worker_may_issue
 
     def issue(self, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
@@ -120,7 +122,7 @@ def op_name(fn: Callable[..., Any], kwargs: dict[str, Any] | None = None) -> str
 
 @dataclass
 class Call:
-    """One call a worker hands to the coordinating thread."""
+    """One call a worker hands to the schedule."""
 
     fn: Callable[..., Any]
     kwargs: dict[str, Any]
@@ -139,8 +141,9 @@ class Call:
         return f"{self.name} (item {self.item}, call {self.seq})"
 
     def issue(self) -> Any:
-        """Issue on the coordinating thread, on the worker's CUDA stream,
-        under the calling item's modes."""
+        """Issue on this thread (the coordinating thread, or a worker serving
+        the call), on the calling worker's CUDA stream, under the calling
+        item's modes."""
         modes = self.modes
         if modes is not None and not modes.are_this_threads():
             with modes.applied():

@@ -1,9 +1,9 @@
-"""The coordinating thread's schedule and the worker threads it serves.
+"""The schedule, its turn, and the worker threads.
 
 The schedule decides the order in which collectives are issued. It has ``W``
-slots; slot ``s`` starts with item ``s``. The coordinator visits the slots
-that still hold an item in a fixed cyclic order and, at each visit, waits for
-the next event of that slot's item:
+slots; slot ``s`` starts with item ``s``. The schedule visits the slots that
+still hold an item in a fixed cyclic order (its *position*) and, at each
+visit, takes the next event of that slot's item:
 
 * a collective: issue it (see ``_calls``), move to the next slot;
 * the item's end: record its outcome, put the next item not yet in a slot
@@ -11,32 +11,66 @@ the next event of that slot's item:
 
 Each decision depends only on each item's own sequence of collectives and on
 ``W``, never on timing, so every rank issues the same collectives in the same
-order. Because the coordinator only issues, a worker blocked on its collective
-never keeps the coordinator from issuing what other ranks need first.
+order. Because the schedule only issues, a worker blocked on its collective
+never keeps the schedule from issuing what other ranks need first.
 
-Who runs the issue does not matter to the order, only that one thread at a
-time does, at the schedule's turn. So when the coordinator is already waiting
-for the event of the slot whose worker now calls a collective that only
-enqueues work (see ``_calls``), the coordinator passes the turn and the
-worker issues the call itself, then tells the coordinator, which only then
-moves on. That saves the worker two thread switches, most of a handover's
-cost. A call that arrives before its turn is handed over as usual.
+Who advances the schedule does not matter to the order, only that one
+thread at a time does, taking the events in the schedule's order. So
+advancing it is a role, the *turn* (``_Turns``), in the spirit of flat
+combining: the position, the slots and each item's pending event live under
+one lock, and whoever holds the turn takes the event at the position and
+advances the position. The coordinating thread (the caller) holds it while it
+runs, and gives it up when the item at the position has posted nothing yet;
+it then sleeps. The next event posted at the position decides who goes on:
+
+* a call that only enqueues work (see ``_calls``): its own worker takes the
+  turn, issues the call, and advances the position. While it holds the
+  turn it also serves the calls of that kind already waiting at the
+  following positions: it issues each one and sends its worker the outcome,
+  as the coordinator would. At the first slot whose item has posted nothing
+  it leaves the turn open, and that item's worker takes it in turn;
+* anything else (an item's end, a call that runs to completion, a call to be
+  coalesced) stays at the position, and the turn goes back to the
+  coordinator, which is woken for it.
+
+So a run of enqueue-only collectives needs no thread switch but the replies
+to the workers that were served, and the coordinator wakes only for what it
+alone does: advancing the iterable (when an item enters a slot), running
+calls that run to completion (object collectives, group creation,
+``coordinated`` functions: the latter are documented to run on the
+coordinating thread, and all of them block, so a worker holding the turn
+meanwhile would gain nothing), issuing held coalesced calls, reporting hangs,
+and stopping. A call that arrives before its turn waits as a pending event
+for whoever holds the turn then.
+
+Some schedules pass no turn: with the schedule check, which exchanges every
+call's fingerprint with the other ranks from the coordinating thread before
+it is issued; in a nested schedule, whose coordinator issues through the
+outer schedule's hook; and while the coordinator holds calls back to
+coalesce them, as those must go first. The coordinator then takes every
+event itself.
 
 With coalescing (see ``_coalescing``), the coordinator holds back the small
 synchronous all_reduces it meets and issues them together just before it
 issues anything else, and before it waits on a slot whose call it holds:
-at the latest when its visit comes back round. It passes no turn while it
-holds calls, as those must go first, and a worker never takes the turn for
-a call the coordinator would hold.
+at the latest when its visit comes back round. A worker never takes the
+turn for a call the coordinator would hold.
+
+When the call stops (an error, Ctrl-C on the coordinating thread), the
+coordinator marks the turn stopped under its lock: a worker that holds it
+issues nothing more, and a call posted from then on raises
+``CancelledError``. Calls left pending get ``_STOP``; a call a worker is
+serving at that moment gets its reply instead, since it was issued.
 
 Items, waits for a turn and issues are spans in a ``torch.profiler`` trace
 (see ``_profiling``).
 
-Whoever issues (the coordinator, or a worker at its turn) does so inside the
-bypass detector's window (see ``_bypass``): it checks right before issuing
-that no process group counted a collective since the last issue, and reads
-the counters again right after, before the worker runs on. A worker that
-sees a change hands its call to the coordinator instead, which raises.
+Whoever issues (the coordinator, or a worker holding the turn) does so inside
+the bypass detector's window (see ``_bypass``): it checks right before
+issuing that no process group counted a collective since the last issue, and
+reads the counters again right after, before the served worker runs on. A
+worker that sees a change leaves the call and the turn to the coordinator
+instead, which raises.
 Every worker has the same hook, :func:`_worker_hook`; calls made while an op
 is being traced rather than run pass through it into the graph.
 
@@ -129,17 +163,10 @@ class CancelledError(RuntimeError):
 
 @dataclass
 class _Reply:
-    """Coordinator to worker: the outcome of issuing its call."""
+    """To a worker: the outcome of issuing its call (from the coordinator or a worker)."""
 
     value: Any = None
     error: BaseException | None = None
-
-
-@dataclass
-class _IssuedByWorker:
-    """Worker to coordinator: the worker has issued this call, at its turn."""
-
-    call: Call
 
 
 @dataclass
@@ -154,29 +181,124 @@ _STOP = object()  # coordinator to worker, instead of a reply: the call is stopp
 
 
 class _ItemRun:
-    """The two channels between one item's worker and the coordinator.
+    """One item, and what is in flight between its worker and the schedule.
 
-    ``events`` carries the item's calls and then its end to the coordinator,
-    ``replies`` carries the outcome of each call back, or ``_STOP``. The item
-    has at most one message in flight each way, so ``_STOP`` never overtakes
-    a reply the worker waits for.
-
-    ``worker_may_issue`` is the turn the coordinator passes while it waits for
-    this item's next event; the worker takes it (clears it, under
-    ``turn_lock``) to issue its call itself.
+    ``pending`` is the item's next event (a call, or its end) posted by its
+    worker and not yet taken by the thread that holds the turn (see
+    ``_Turns``); ``replies`` carries the outcome of each call back, or
+    ``_STOP``. The item has at most one message in flight each way, so
+    ``_STOP`` never overtakes a reply the worker waits for.
     """
 
     def __init__(self, index: int, item: Any) -> None:
         self.index = index
         self.item = item
-        self.events: queue.SimpleQueue[Call | _IssuedByWorker | _Finished] = queue.SimpleQueue()
         self.replies: queue.SimpleQueue[_Reply | object] = queue.SimpleQueue()
-        self.turn_lock = threading.Lock()
-        self.worker_may_issue = False
+        # Under _Turns.lock:
+        self.pending: Call | _Finished | None = None
+        self.pending_passable = False  # a worker holding the turn may issue it
+        self.served = False  # a worker took the pending call to issue it and reply
         self.finished = False  # seen to end by the coordinator
-        self.calls = 0  # worker side: calls handed over so far
-        self.stopping = False  # worker side: _STOP received
         self.stop_sent = False  # coordinator side: _STOP sent
+        # Worker side:
+        self.calls = 0  # calls handed over so far
+        self.stopping = False  # _STOP received, or the schedule had stopped
+
+
+# Who holds the turn, that is, the right to take the event at the schedule's
+# position and to advance the position (see _Turns).
+_COORDINATOR = "coordinator"
+_WORKER = "worker"
+_NOBODY = "nobody"
+
+# What _Turns.post did with an event.
+_POSTED = "posted"  # left for whoever holds the turn
+_TAKEN = "taken"  # the caller holds the turn now: it issues its call itself
+_STOPPED = "stopped"  # the schedule has stopped: the call is not issued
+
+
+class _Turns:
+    """The schedule's position among the slots and the turn, under one lock.
+
+    The turn is a role, not a thread: whoever holds it takes the event at the
+    position (issuing a call, or, for the coordinator only, handling an item's
+    end) and advances the position, one slot per event, as the schedule
+    decides. The coordinator holds it while it runs. It gives it up
+    (``_NOBODY``) only when the item at the position has posted nothing, and
+    then sleeps until it is handed back. The next event posted at the position
+    decides: a call that a worker may issue itself, while passing is allowed,
+    makes its worker the holder; anything else is left there and the turn
+    handed back to the coordinator, with one wake-up.
+
+    Invariants: while nobody holds the turn, ``slots`` is not empty and the
+    item at the position has nothing pending; only the holder advances the
+    position, and only the coordinator changes ``slots``.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.slots: list[_ItemRun] = []
+        self.position = 0
+        self.holder = _COORDINATOR
+        # While nobody holds the turn: whether a worker may take it.
+        self.passing = False
+        self.stopped = False
+        self.issued = 0  # collectives issued (or held to be coalesced) so far
+        # The coordinating thread, named in the debug log of every issue
+        # whichever thread issues, so that a nested schedule's can be told apart.
+        self.coordinator = threading.get_ident()
+        # One token each time the turn is handed to the coordinator.
+        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
+
+    def at_position(self) -> _ItemRun:
+        return self.slots[self.position]
+
+    def count_issue(self, call: Call) -> None:
+        """Count an issue; under ``lock``, by the holder."""
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "issue #%d: item %d call %d %s", self.issued, call.item, call.seq, call.name,
+                extra={"coordinator": self.coordinator},
+            )
+        self.issued += 1
+
+    def post(self, run: _ItemRun, event: Call | _Finished, passable: bool) -> str:
+        """A worker posts its item's next event; see ``_POSTED``, ``_TAKEN``, ``_STOPPED``."""
+        with self.lock:
+            if self.stopped and isinstance(event, Call):
+                return _STOPPED
+            if self.holder is not _NOBODY or self.slots[self.position] is not run:
+                run.pending, run.pending_passable = event, passable
+                return _POSTED
+            if passable and self.passing:
+                self.holder = _WORKER
+                return _TAKEN
+            run.pending, run.pending_passable = event, passable
+            self.holder = _COORDINATOR
+        self._wake.put(None)
+        return _POSTED
+
+    def hand_back(self, run: _ItemRun, call: Call) -> None:
+        """The holder leaves ``call`` at the position for the coordinator, and the turn."""
+        with self.lock:
+            run.pending, run.pending_passable = call, False
+            self.holder = _COORDINATOR
+        self._wake.put(None)
+
+    def hand_to_coordinator(self) -> None:
+        """Under ``lock``: the holder gives the coordinator the turn (``wake`` after)."""
+        self.holder = _COORDINATOR
+
+    def wake_coordinator(self) -> None:
+        self._wake.put(None)
+
+    def wait_for_turn(self, timeout: float | None) -> bool:
+        """On the coordinator: sleep until the turn is handed back; False on timeout."""
+        try:
+            self._wake.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        return True
 
 
 class _Feeder:
@@ -278,6 +400,16 @@ class _Feeder:
             return self._runs[: self._next_for_worker]
 
 
+def _clear_to_issue(detector: BypassDetector | None) -> bool:
+    """Whether the holder of the turn may issue now (else the coordinator raises)."""
+    if detector is None:
+        return True
+    try:
+        return detector.clear_to_issue()
+    except Exception:  # the coordinator's own check raises it
+        return False
+
+
 class _ThisWorker(threading.local):
     worker: _Worker | None = None
 
@@ -321,25 +453,27 @@ def _worker_hook(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
 
 class _Worker:
     """One worker of a call: runs items from the feeder on a pooled thread,
-    handing their collectives over."""
+    handing their collectives to the schedule; holds the turn at times."""
 
     def __init__(
         self,
         fn: Callable[[Any], Any],
         state: CallerState,
         feeder: _Feeder,
+        turns: _Turns,
         coalesce: bool,
         detector: BypassDetector | None,
     ) -> None:
         self._fn = fn
         self._state = state
         self._feeder = feeder
+        self._turns = turns
         self._coalesce = coalesce
         self._detector = detector
         self._run: _ItemRun | None = None
         self.thread: threading.Thread | None = None
         # For hang reports: the call this worker waits on, and whether it is
-        # still waiting for the coordinator to issue it (else for its result).
+        # still waiting for it to be issued (else for its result).
         self.waiting_on: Call | None = None
         self.waiting_for_issue = False
 
@@ -356,9 +490,9 @@ class _Worker:
                     with span("item", run.index):
                         result = self._state.run(self._fn, run.item, own_stream, index=run.index)
                 except BaseException as error:  # the coordinator owns every error
-                    run.events.put(_Finished(error=error))
+                    self._turns.post(run, _Finished(error=error), passable=False)
                 else:
-                    run.events.put(_Finished(result))
+                    self._turns.post(run, _Finished(result), passable=False)
                 self._run = None
         finally:
             _collective_hook.fn = None
@@ -366,7 +500,8 @@ class _Worker:
             self._state.leave_worker_thread()
 
     def _hand_over(self, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
-        """The collective hook: hand the call to the coordinator and wait for it."""
+        """The collective hook: post the call to the schedule and wait for its
+        outcome, or issue it here if this worker gets the turn."""
         run = self._run
         assert run is not None
         if run.stopping:
@@ -374,22 +509,26 @@ class _Worker:
         plan = plan_for(fn, kwargs)
         stream = torch.cuda.current_stream() if cuda_is_initialized() else None
         call = Call(fn, kwargs, plan, run.index, run.calls, stream, ItemModes.capture())
-        if (
-            plan.worker_may_issue
-            # A call the coordinator would hold back must reach it.
-            and not (self._coalesce and coalescing_key(call) is not None)
-            and self._take_turn(run)
-            # Else the coordinator gets the call, and raises what the detector saw.
-            and (self._detector is None or self._detector.clear_to_issue())
-        ):
-            return self._issue_here(run, call)
-        self.waiting_on, self.waiting_for_issue = call, True
-        run.events.put(call)
+        # A call the coordinator would hold back must reach it.
+        passable = plan.worker_may_issue and not (
+            self._coalesce and coalescing_key(call) is not None
+        )
         run.calls += 1
-        with span("wait", call.name):
-            reply = run.replies.get()
-        self.waiting_for_issue = False
+        self.waiting_on, self.waiting_for_issue = call, True
         try:
+            posted = self._turns.post(run, call, passable)
+            if posted is _TAKEN:
+                if _clear_to_issue(self._detector):
+                    self.waiting_for_issue = False
+                    return self._issue_at_turn(call)
+                # The coordinator gets the call, and raises what the detector saw.
+                self._turns.hand_back(run, call)
+            elif posted is _STOPPED:
+                run.stopping = True
+                raise CancelledError("parallel_map is stopping; this collective was not issued")
+            with span("wait", call.name):
+                reply = run.replies.get()
+            self.waiting_for_issue = False
             if reply is _STOP:
                 run.stopping = True
                 raise CancelledError("parallel_map is stopping; this collective was not issued")
@@ -398,34 +537,81 @@ class _Worker:
                 raise reply.error
             return plan.finish(reply.value, kwargs)
         finally:
-            self.waiting_on = None
+            self.waiting_on, self.waiting_for_issue = None, False
 
-    @staticmethod
-    def _take_turn(run: _ItemRun) -> bool:
-        with run.turn_lock:
-            mine = run.worker_may_issue
-            run.worker_may_issue = False
-        return mine
-
-    def _issue_here(self, run: _ItemRun, call: Call) -> Any:
-        """Issue ``call`` on this thread at its turn, which the coordinator passed."""
-        run.calls += 1
-        self.waiting_on = call
+    def _issue_at_turn(self, call: Call) -> Any:
+        """Issue this worker's own ``call`` at its turn, then pass the turn on."""
+        # Holding the turn, this thread is the only one that issues: the issue
+        # is alone and in the schedule's order.
+        _collective_hook.fn = None  # issue for real, do not hand over again
         try:
-            # The coordinator waits for the event below before it issues
-            # anything else, so this issue is alone and in the schedule's order.
-            _collective_hook.fn = None  # issue for real, do not hand over again
-            try:
-                with span("issue", call):
-                    issued = call.plan.issue(call.fn, call.kwargs)
-            finally:
-                if self._detector is not None:
-                    self._detector.after_issue(call)
-                _collective_hook.fn = _worker_hook
-                run.events.put(_IssuedByWorker(call))
-            return call.plan.finish(issued, call.kwargs)
+            with span("issue", call):
+                issued = call.plan.issue(call.fn, call.kwargs)
         finally:
-            self.waiting_on = None
+            if self._detector is not None:
+                self._detector.after_issue(call)
+            _collective_hook.fn = _worker_hook
+            self._pass_turn_on(call)
+        return call.plan.finish(issued, call.kwargs)
+
+    def _pass_turn_on(self, issued: Call) -> None:
+        """Holding the turn after issuing ``issued``: advance the position, and
+        serve the calls already waiting there, until the turn must go on.
+
+        The turn goes to nobody when the next item has posted nothing (its
+        worker takes it with its call), and to the coordinator when that
+        item's event is one only the coordinator handles.
+        """
+        turns = self._turns
+        while True:
+            with turns.lock:
+                turns.count_issue(issued)
+                if turns.stopped:  # the coordinator stops every item; no more issues
+                    turns.holder = _NOBODY
+                    return
+                turns.position = (turns.position + 1) % len(turns.slots)
+                run = turns.slots[turns.position]
+                event = run.pending
+                if event is None:
+                    turns.holder = _NOBODY
+                    return
+                if not run.pending_passable:
+                    turns.hand_to_coordinator()
+                    wake = True
+                else:
+                    wake = False
+            if wake:
+                turns.wake_coordinator()
+                return
+            assert isinstance(event, Call)
+            if not _clear_to_issue(self._detector):
+                # The coordinator takes the call, and raises what the detector saw.
+                turns.hand_back(run, event)
+                return
+            with turns.lock:
+                if turns.stopped:  # the coordinator sends this item _STOP
+                    turns.holder = _NOBODY
+                    return
+                run.pending = None
+                run.served = True
+            self._serve(run, event)
+            issued = event
+
+    def _serve(self, run: _ItemRun, call: Call) -> None:
+        """Issue another item's ``call`` at its turn, and send that item's worker the outcome."""
+        _collective_hook.fn = None
+        try:
+            with span("issue", call):
+                reply = _Reply(call.issue())
+        except BaseException as error:  # raised where serial code would: in its worker
+            reply = _Reply(error=error)
+        finally:
+            if self._detector is not None:  # before the served worker runs on
+                self._detector.after_issue(call)
+            _collective_hook.fn = _worker_hook
+        run.replies.put(reply)
+        with self._turns.lock:  # after the reply: a _STOP from now on follows it
+            run.served = False
 
     def item_index(self) -> int | None:
         run = self._run
@@ -471,12 +657,13 @@ class Schedule:
         # the schedule check exchanges with the other ranks before each issue,
         # from this thread too.
         self._pass_turns = check is None and _collective_hook.fn is None
+        self._turns = _Turns()
         self._workers = [
-            _Worker(fn, state, self._feeder, coalesce, detector) for _ in range(max_workers)
+            _Worker(fn, state, self._feeder, self._turns, coalesce, detector)
+            for _ in range(max_workers)
         ]
         self._results: dict[int, Any] = {}
         self._errors: dict[int, BaseException] = {}
-        self._issued = 0
 
     def run(self) -> list[Any]:
         threads: list[PooledThread] = []
@@ -488,7 +675,7 @@ class Schedule:
                 thread.submit(worker.main)
             in_slots = self._loop()
             if self._check is not None:
-                self._check.at_end(self._issued)
+                self._check.at_end(self._turns.issued)
             clean = not self._errors
         except CollectiveBypassError as error:
             self._add_item_errors(error)
@@ -534,16 +721,27 @@ class Schedule:
         # After a failure, or if the coordinator itself failed (Ctrl-C),
         # items that ran ahead of the schedule, or were cut short, get
         # _STOP: their next collective raises CancelledError instead of
-        # being issued. Idempotent, so that it can be rerun if interrupted.
-        for run in self._feeder.close():
-            with run.turn_lock:  # if Ctrl-C came while the turn was passed
-                run.worker_may_issue = False
-            if not run.finished and not run.stop_sent:
-                run.replies.put(_STOP)
+        # being issued. A worker that holds the turn issues nothing more; one
+        # that is serving an item's call sends that item its reply instead.
+        # Idempotent, so that it can be rerun if interrupted.
+        turns = self._turns
+        with turns.lock:
+            turns.stopped = True
+            to_stop = [
+                run for run in self._feeder.close()
+                if not run.finished and not run.stop_sent and not run.served
+            ]
+            for run in to_stop:
                 run.stop_sent = True
+        for run in to_stop:
+            run.replies.put(_STOP)
 
     def _loop(self) -> int:
-        """Run the schedule; returns how many items had a slot."""
+        """Run the schedule; returns how many items had a slot.
+
+        The coordinator holds the turn throughout, except in ``_next_event``.
+        """
+        turns = self._turns
         slots: list[_ItemRun] = []
         while len(slots) < len(self._workers):
             run = self._run_for_slot(len(slots))
@@ -551,35 +749,36 @@ class Schedule:
                 break
             slots.append(run)
         in_slots = len(slots)
+        with turns.lock:
+            turns.slots = slots
         self._pull_ahead(in_slots)
-        position = 0
-        while slots:
-            run = slots[position]
-            if self._held and any(held is run for held, _ in self._held):
-                self._issue_held()
-            event = self._next_event(run)
+        while (taken := self._next_event()) is not None:
+            run, event = taken
             if isinstance(event, Call):
                 self._schedule(run, event)
-            elif isinstance(event, _IssuedByWorker):
-                self._count_issue(event.call)
+                with turns.lock:
+                    turns.position = (turns.position + 1) % len(slots)
+                continue
+            run.finished = True
+            if event.error is None:
+                self._results[run.index] = event.result
             else:
-                run.finished = True
-                if event.error is None:
-                    self._results[run.index] = event.result
-                else:
-                    self._errors[run.index] = event.error
-                following = None if self._errors else self._run_for_slot(in_slots)
-                if following is None:
-                    if self._errors:  # no new item starts; those in slots finish
-                        self._feeder.stop_at(in_slots)
-                    del slots[position]
+                self._errors[run.index] = event.error
+            following = None if self._errors else self._run_for_slot(in_slots)
+            if following is None:
+                if self._errors:  # no new item starts; those in slots finish
+                    self._feeder.stop_at(in_slots)
+                with turns.lock:
+                    del slots[turns.position]
                     if slots:
-                        position %= len(slots)
-                    continue
-                slots[position] = following
-                in_slots += 1
-                self._pull_ahead(in_slots)
-            position = (position + 1) % len(slots)
+                        turns.position %= len(slots)
+                continue
+            with turns.lock:
+                slots[turns.position] = following
+            in_slots += 1
+            self._pull_ahead(in_slots)
+            with turns.lock:
+                turns.position = (turns.position + 1) % len(slots)
         return in_slots
 
     def _pull_ahead(self, in_slots: int) -> None:
@@ -594,33 +793,48 @@ class Schedule:
             if self._feeder.pull() is None:
                 return
 
-    def _next_event(self, run: _ItemRun) -> Call | _IssuedByWorker | _Finished:
-        # Held calls go before anything else: no turn to pass while there are any.
-        if not self._pass_turns or self._held:
-            return self._wait_for_event(run)
-        with run.turn_lock:
-            run.worker_may_issue = True
-        try:
-            return self._wait_for_event(run)
-        finally:
-            with run.turn_lock:
-                run.worker_may_issue = False
+    def _next_event(self) -> tuple[_ItemRun, Call | _Finished] | None:
+        """The event at the position, with the turn; None once no slot holds an item.
 
-    def _wait_for_event(self, run: _ItemRun) -> Call | _IssuedByWorker | _Finished:
-        if self._report_hang_after is None:
-            return run.events.get()
-        started = time.monotonic()
+        While the item at the position has posted nothing, the coordinator
+        gives up the turn and sleeps until it is handed back: by that item's
+        worker posting an event only the coordinator handles, or by a worker
+        that holds the turn and meets such an event further on.
+        """
+        turns = self._turns
         while True:
-            try:
-                return run.events.get(timeout=self._report_hang_after)
-            except queue.Empty:
-                self._report_hang(run, time.monotonic() - started)
+            with turns.lock:
+                if not turns.slots:
+                    return None
+                run = turns.at_position()
+            # Held calls go before a wait on a slot whose call is held.
+            if self._held and any(held is run for held, _ in self._held):
+                self._issue_held()
+            with turns.lock:
+                event = run.pending
+                if event is not None:
+                    run.pending = None
+                    return run, event
+                # Held calls go before anything else: no turn to pass while there are any.
+                turns.passing = self._pass_turns and not self._held
+                turns.holder = _NOBODY
+            self._wait_for_turn()
+
+    def _wait_for_turn(self) -> None:
+        if self._report_hang_after is None:
+            self._turns.wait_for_turn(None)
+            return
+        started = time.monotonic()
+        while not self._turns.wait_for_turn(self._report_hang_after):
+            with self._turns.lock:
+                run = self._turns.at_position()
+            self._report_hang(run, time.monotonic() - started)
 
     def _report_hang(self, run: _ItemRun, waited: float) -> None:
         frames = sys._current_frames()
         lines = [
             f"parallel_map has waited {waited:.0f} s for the next event of item {run.index} "
-            f"({self._issued} collectives issued so far). Workers:"
+            f"({self._turns.issued} collectives issued so far). Workers:"
         ]
         for worker in self._workers:
             state = worker.describe()
@@ -659,13 +873,6 @@ class Schedule:
             self._errors[index] = self._feeder.error[1]
         return run
 
-    def _count_issue(self, call: Call) -> None:
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "issue #%d: item %d call %d %s", self._issued, call.item, call.seq, call.name
-            )
-        self._issued += 1
-
     def _schedule(self, run: _ItemRun, call: Call) -> None:
         """Issue ``call``, or hold it back to be coalesced."""
         key = coalescing_key(call) if self._coalesce else None
@@ -675,8 +882,9 @@ class Schedule:
             self._issue(run, call)
             return
         if self._check is not None:
-            self._check.before_issue(self._issued, call)
-        self._count_issue(call)
+            self._check.before_issue(self._turns.issued, call)
+        with self._turns.lock:
+            self._turns.count_issue(call)
         self._held.append((run, call))
         self._held_key = key
 
@@ -703,8 +911,9 @@ class Schedule:
 
     def _issue(self, run: _ItemRun, call: Call) -> None:
         if self._check is not None:
-            self._check.before_issue(self._issued, call)
-        self._count_issue(call)
+            self._check.before_issue(self._turns.issued, call)
+        with self._turns.lock:
+            self._turns.count_issue(call)
         self._reply_to_issue(run, call)
 
     def _reply_to_issue(self, run: _ItemRun, call: Call) -> None:

@@ -141,10 +141,12 @@ def parallel_map(
     allows: the worker waits for the result itself) before moving on, or the
     item's end, after which the slot takes the next item not yet started. So
     items may issue any number of collectives, and no slot waits for the
-    others to finish. When the calling thread already waits at the slot whose
-    worker calls a collective with an ``async_op`` argument, ``send`` or
-    ``recv``, it lets that worker issue the call itself at this point of the
-    schedule, which saves two thread switches.
+    others to finish. Calls that only enqueue work (a collective with an
+    ``async_op`` argument, ``send``, ``recv``) need not wait for the calling
+    thread: the worker whose call is next in the schedule issues it itself,
+    then issues the calls already waiting after it, in the schedule's order,
+    so the calling thread wakes only for what it alone does (an item's end,
+    object collectives, group creation, :func:`coordinated` functions).
 
     Each item runs with the caller's grad mode, inference mode, autocast state
     (enabled or not), ``__torch_function__`` and ``__torch_dispatch__`` mode
