@@ -25,6 +25,7 @@ def main() -> None:
         ["bench_throughput.py", *smoke],
         ["bench_scaling.py", *smoke],
         ["bench_compile.py", *smoke],
+        ["bench_instructions.py", *smoke],
         ["trace_schedule.py", *smoke],
     ]
     failed = [run[0] for run in runs

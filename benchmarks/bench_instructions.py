@@ -1,0 +1,137 @@
+"""Benchmark: what the change costs outside parallel_map, counted in instructions.
+
+    python bench_instructions.py [--what all_reduce op eager inductor] [--calls 200] [--smoke]
+
+Wall times of a call that takes tens of microseconds cannot show a cost of a
+few tenths of a microsecond on a shared 2-core machine, so this counts
+instructions with callgrind (valgrind), which does not depend on what else
+runs. Each case runs in a fresh process under callgrind with instrumentation
+switched on (``callgrind_control -i on``) only around ``--calls`` calls, after
+50 warm-up calls, with garbage collection off in between, once with zero
+calls and once with ``--calls``: the difference divided by ``--calls`` is the
+cost of one call on the calling thread. Both sides import the same modules
+(``torch._dynamo``, which ``torch.distributed.threading`` imports); the
+overlay is uninstalled for "pristine" and installed, with
+``torch.distributed.threading`` imported, for "overlay". gloo, world size 1.
+
+Cases: ``all_reduce``: ``dist.all_reduce`` (the hook line of the entry
+points); ``op``: a functional all_reduce op and its ``wait_tensor``, what
+compiled graphs call; ``eager`` / ``inductor``: a function compiled with that
+backend, with ``dist.all_reduce`` inside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from _bench import header, table
+
+REPO = Path(__file__).resolve().parent.parent
+_RUN = """
+import gc, os, subprocess, sys, time, torch, torch.distributed as dist
+what, calls = sys.argv[1], int(sys.argv[2])
+hooked, counting = sys.argv[3] == "1", sys.argv[4] == "1"
+import torch._dynamo  # noqa: F401  (imported on both sides)
+if hooked:
+    import torch.distributed.threading  # noqa: F401
+torch.set_num_threads(1)
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+x = torch.ones(4)
+if what == "all_reduce":
+    fn = lambda: dist.all_reduce(x)
+elif what == "op":
+    all_reduce = torch.ops._c10d_functional.all_reduce.default
+    wait = torch.ops._c10d_functional.wait_tensor.default
+    group = dist.group.WORLD.group_name
+    fn = lambda: wait(all_reduce(x, "sum", group))
+else:
+    def step(x):
+        y = x * 2
+        dist.all_reduce(y)
+        return y + 1
+    compiled = torch.compile(step, backend=what, fullgraph=True)
+    fn = lambda: compiled(x)
+for _ in range(50):
+    fn()
+def instrument(state):
+    if counting:
+        subprocess.run(["callgrind_control", "-i", state, str(os.getpid())],
+                       check=True, capture_output=True)
+        time.sleep(0.5)  # callgrind polls for the command
+gc.collect()
+gc.disable()
+instrument("on")
+for _ in range(calls):
+    fn()
+instrument("off")
+gc.enable()
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def _overlay(command: str) -> None:
+    subprocess.run([sys.executable, str(REPO / "scripts/overlay"), command,
+                    "--python", sys.executable], check=True, capture_output=True)
+
+
+def _collected(what: str, calls: int, hooked: bool, scratch: Path) -> int:
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+         f"--callgrind-out-file={scratch / 'callgrind.out'}",
+         sys.executable, "-c", _RUN, what, str(calls), "1" if hooked else "0", "1"],
+        check=True, capture_output=True, text=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+    )
+    match = re.search(r"Collected : (\d+)", out.stderr)
+    if match is None:
+        raise RuntimeError(f"callgrind printed no count:\n{out.stderr[-2000:]}")
+    return int(match.group(1))
+
+
+def per_call(what: str, calls: int, hooked: bool) -> float:
+    with tempfile.TemporaryDirectory() as scratch:
+        base = _collected(what, 0, hooked, Path(scratch))
+        total = _collected(what, calls, hooked, Path(scratch))
+    return (total - base) / calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--what", nargs="+", default=["all_reduce", "op", "eager", "inductor"])
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--smoke", action="store_true", help="tiny, uncounted: for CI")
+    args = parser.parse_args()
+    if args.smoke:  # the measured script once, natively, with the overlay as installed
+        for what in ("all_reduce", "op"):
+            subprocess.run([sys.executable, "-c", _RUN, what, "2", "1", "0"], check=True)
+        print("smoke: ok")
+        return
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        sys.exit("needs valgrind (Debian's package valgrind)")
+    header(f"instructions per call outside parallel_map (callgrind, gloo world 1, "
+           f"{args.calls} calls)")
+    rows = []
+    try:
+        for what in args.what:
+            _overlay("uninstall")
+            pristine = per_call(what, args.calls, hooked=False)
+            _overlay("install")
+            overlay = per_call(what, args.calls, hooked=True)
+            rows.append([what, round(pristine), round(overlay), round(overlay - pristine),
+                         f"{100 * (overlay / pristine - 1):+.1f}%"])
+    finally:
+        _overlay("install")
+    table(["call", "pristine", "overlay", "difference", "relative"], rows)
+
+
+if __name__ == "__main__":
+    main()
