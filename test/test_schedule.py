@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import itertools
+import logging
 import random
 import signal
 import sys
@@ -146,7 +147,7 @@ def test_sync_collective_is_issued_async_and_waited_by_the_worker():
     assert all(name.startswith("parallel_map-worker") for name in waited_in)
 
 
-def test_worker_at_the_turn_issues_and_serves_calls_waiting_at_the_next_slots():
+def test_worker_at_the_turn_issues_and_hands_the_turn_to_the_next_waiting_call():
     log = IssueLog()
     ran_on = {}
 
@@ -156,14 +157,14 @@ def test_worker_at_the_turn_issues_and_serves_calls_waiting_at_the_next_slots():
             time.sleep(0.2)  # nothing at the turn's slot: its worker takes the turn
             fake_collective(log, i)
         elif i == 1:
-            fake_collective(log, i)  # ahead of its turn: served by item 0's worker
+            fake_collective(log, i)  # ahead of its turn: item 0's worker hands it the turn
         else:
             time.sleep(0.4)  # its turn is open too, but it has no async form
             fake_object_collective(log, i)
 
     parallel_map(item, range(3), max_workers=3)
     assert [entry[1] for entry in log.entries] == [0, 1, 2]
-    assert log.threads == [ran_on[0], ran_on[0], threading.main_thread()]
+    assert log.threads == [ran_on[0], ran_on[1], threading.main_thread()]
     assert not log.overlapped
 
 
@@ -184,10 +185,11 @@ def test_the_turn_goes_from_worker_to_worker_without_the_coordinator():
     assert log.threads == [ran_on[i] for i, _ in reference_schedule([3, 3], 2).order]
 
 
-def test_a_worker_serves_the_waiting_calls_of_the_following_slots_in_order():
+def test_the_turn_goes_to_the_waiting_calls_of_the_following_slots_in_order():
     # Items 1 to 3 post their calls before item 0 does: item 0's worker takes
-    # the turn and issues all four, in the schedule's order, and then stops at
-    # the object collective, which only the coordinator runs.
+    # the turn, and the turn goes from worker to worker, each issuing its own
+    # call in the schedule's order, up to the object collective, which only
+    # the coordinator runs.
     log = IssueLog(hold_s=0.001)
     ran_on = {}
     posted = threading.Barrier(3, timeout=10)
@@ -206,15 +208,15 @@ def test_a_worker_serves_the_waiting_calls_of_the_following_slots_in_order():
     parallel_map(item, range(4), max_workers=4)
     expected = reference_schedule([2, 2, 2, 2], 4).order
     assert [entry[1] for entry in log.entries] == expected
-    assert log.threads[:4] == [ran_on[0]] * 4
+    assert log.threads[:4] == [ran_on[i] for i, _ in expected[:4]]
     assert log.threads[4] is threading.main_thread()  # item 0's object collective
     assert log.issued_by_schedule()
 
 
 def test_a_failing_issue_on_a_worker_that_holds_the_turn_raises_in_its_own_item():
-    # Item 0's worker holds the turn: its own issue fails, then it serves item
-    # 1's call, whose issue fails too. Each error reaches its own item only,
-    # and the turn goes on: item 2's call is still issued.
+    # Item 0's worker holds the turn: its own issue fails, then item 1's
+    # worker gets the turn, and its issue fails too. Each error reaches its
+    # own item only, and the turn goes on: item 2's call is still issued.
     log = IssueLog()
 
     def fail(i: int):
@@ -242,11 +244,10 @@ def test_a_failing_issue_on_a_worker_that_holds_the_turn_raises_in_its_own_item(
 
 
 @pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs pthread_kill")
-def test_ctrl_c_while_a_worker_serves_a_call():
-    # Item 0's worker holds the turn and serves item 1's call, which sends
-    # Ctrl-C to the coordinator while it is being issued. Item 1 still gets
-    # its reply (the call was issued), item 2 gets CancelledError, and the
-    # serving worker issues nothing more.
+def test_ctrl_c_while_a_worker_holds_the_turn():
+    # Item 0's worker hands the turn to item 1's, whose call sends Ctrl-C to
+    # the coordinator while it is being issued. Item 1's call was issued,
+    # item 2 gets CancelledError, and the turn goes to nobody after that.
     log = IssueLog()
     outcomes: dict[int, str] = {}
     main = threading.main_thread().ident
@@ -275,6 +276,54 @@ def test_ctrl_c_while_a_worker_serves_a_call():
     assert time.monotonic() - start < 5
     assert outcomes == {0: "issued", 1: "issued", 2: "CancelledError"}
     assert [entry[1] for entry in log.entries] == [0, 1]
+
+
+def test_a_call_is_issued_on_its_own_thread_not_inside_another_items_call():
+    # Item 0 holds a lock around its collective; item 1's call waits for its
+    # turn, and its issue takes the same lock (as a mode or a tensor subclass
+    # might). Had item 0's worker issued item 1's call from inside its own,
+    # it would wait for itself forever.
+    log = IssueLog()
+    lock = threading.Lock()
+
+    def take_lock() -> None:
+        with lock:
+            pass
+
+    def item(i: int) -> int:
+        if i == 0:
+            time.sleep(0.2)  # item 1's call waits for its turn by now
+            with lock:
+                fake_collective(log, i)
+        else:
+            fake_collective_doing(log, i, take_lock)
+        return i
+
+    result: list[list[int]] = []
+    runner = threading.Thread(
+        target=lambda: result.append(parallel_map(item, range(2), max_workers=2)), daemon=True
+    )
+    runner.start()
+    runner.join(10)
+    assert not runner.is_alive(), "parallel_map deadlocked"
+    assert result == [[0, 1]]
+    assert [entry[1] for entry in log.entries] == [0, 1]
+
+
+def test_no_hang_report_while_workers_pass_the_turn(caplog):
+    # The coordinator sleeps while workers pass the turn among themselves:
+    # that is progress, not a hang, however long it lasts.
+    log = IssueLog()
+
+    def item(i: int) -> None:
+        for k in range(60):
+            time.sleep(0.01)
+            fake_collective(log, (i, k))
+
+    with caplog.at_level(logging.WARNING, logger="torch.distributed.threading"):
+        parallel_map(item, range(2), max_workers=2, report_hang_after=0.2)
+    assert len(log.entries) == 120
+    assert not [r for r in caplog.records if "has waited" in r.getMessage()]
 
 
 def test_failing_collective_raises_in_the_worker():
@@ -470,7 +519,7 @@ def test_hang_report_names_waits_and_stacks(caplog):
     first = reports[0]
     assert "for the next event of item 0" in first
     assert "item 0: running fn" in first
-    assert "item 1: waiting for the coordinator to issue fake_collective (item 1, call 0)" in first
+    assert "item 1: waiting for its turn to issue fake_collective (item 1, call 0)" in first
     assert "release.wait(timeout=10)" in first  # the waiting worker's stack
     with pytest.raises(ValueError, match="report_hang_after"):
         parallel_map(str, [1, 2], report_hang_after=0)
@@ -931,7 +980,7 @@ def test_hang_report_explains_items_that_wait_for_each_other(caplog):
     reports = [r.getMessage() for r in caplog.records if "has waited" in r.getMessage()]
     assert reports
     assert "item 1: running fn" in reports[0]
-    assert "item 0: waiting for the coordinator to issue fake_collective (item 0, call 1)" in reports[0]
+    assert "item 0: waiting for its turn to issue fake_collective (item 0, call 1)" in reports[0]
     assert (
         "Item 1 is running fn; the schedule issues the waiting calls of items 0 only after "
         "item 1's next collective or its end." in reports[0]

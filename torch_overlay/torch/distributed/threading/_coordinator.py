@@ -24,18 +24,21 @@ runs, and gives it up when the item at the position has posted nothing yet;
 it then sleeps. The next event posted at the position decides who goes on:
 
 * a call that only enqueues work (see ``_calls``): its own worker takes the
-  turn, issues the call, and advances the position. While it holds the
-  turn it also serves the calls of that kind already waiting at the
-  following positions: it issues each one and sends its worker the outcome,
-  as the coordinator would. At the first slot whose item has posted nothing
-  it leaves the turn open, and that item's worker takes it in turn;
+  turn, issues the call, and advances the position. If the item at the new
+  position already waits with a call of that kind, the worker hands the turn
+  straight to that item's worker (``_YOUR_TURN``), which issues its own call
+  and goes on the same way; if it has posted nothing, the worker leaves the
+  turn open, and that item's worker takes it with its call. A worker never
+  issues another item's call: each call's issue path runs on its own
+  thread, as in the serial loop, never inside another item's collective,
+  where it could need something that item holds (a lock around its call);
 * anything else (an item's end, a call that runs to completion, a call to be
   coalesced) stays at the position, and the turn goes back to the
   coordinator, which is woken for it.
 
-So a run of enqueue-only collectives needs no thread switch but the replies
-to the workers that were served, and the coordinator wakes only for what it
-alone does: advancing the iterable (when an item enters a slot), running
+So a run of enqueue-only collectives needs no thread switch but one wake-up
+of each worker that waited for its turn, and the coordinator wakes only for
+what it alone does: advancing the iterable (when an item enters a slot), running
 calls that run to completion (object collectives, group creation,
 ``coordinated`` functions: the latter are documented to run on the
 coordinating thread, and all of them block, so a worker holding the turn
@@ -59,8 +62,9 @@ turn for a call the coordinator would hold.
 When the call stops (an error, Ctrl-C on the coordinating thread), the
 coordinator marks the turn stopped under its lock: a worker that holds it
 issues nothing more, and a call posted from then on raises
-``CancelledError``. Calls left pending get ``_STOP``; a call a worker is
-serving at that moment gets its reply instead, since it was issued.
+``CancelledError``. Calls left pending get ``_STOP``; a worker handed the
+turn at that moment finds the turn stopped and raises ``CancelledError``
+without issuing.
 
 Items, waits for a turn and issues are spans in a ``torch.profiler`` trace
 (see ``_profiling``).
@@ -68,8 +72,8 @@ Items, waits for a turn and issues are spans in a ``torch.profiler`` trace
 Whoever issues (the coordinator, or a worker holding the turn) does so inside
 the bypass detector's window (see ``_bypass``): it checks right before
 issuing that no process group counted a collective since the last issue, and
-reads the counters again right after, before the served worker runs on. A
-worker that sees a change leaves the call and the turn to the coordinator
+reads the counters again right after, before it runs on or passes the turn.
+A worker that sees a change leaves the call and the turn to the coordinator
 instead, which raises.
 Every worker has the same hook, :func:`_worker_hook`; calls made while an op
 is being traced rather than run pass through it into the graph.
@@ -178,6 +182,8 @@ class _Finished:
 
 
 _STOP = object()  # coordinator to worker, instead of a reply: the call is stopping
+_YOUR_TURN = object()  # worker to worker, instead of a reply: issue the call yourself
+_PASSED_BACK = object()  # a handed turn went to the coordinator (see _Worker)
 
 
 class _ItemRun:
@@ -197,7 +203,7 @@ class _ItemRun:
         # Under _Turns.lock:
         self.pending: Call | _Finished | None = None
         self.pending_passable = False  # a worker holding the turn may issue it
-        self.served = False  # a worker took the pending call to issue it and reply
+        self.handed_turn = False  # _YOUR_TURN sent, not yet taken by the worker
         self.finished = False  # seen to end by the coordinator
         self.stop_sent = False  # coordinator side: _STOP sent
         # Worker side:
@@ -528,6 +534,12 @@ class _Worker:
                 raise CancelledError("parallel_map is stopping; this collective was not issued")
             with span("wait", call.name):
                 reply = run.replies.get()
+            if reply is _YOUR_TURN:
+                outcome = self._take_handed_turn(run, call)
+                if outcome is not _PASSED_BACK:
+                    return outcome
+                with span("wait", call.name):
+                    reply = run.replies.get()
             self.waiting_for_issue = False
             if reply is _STOP:
                 run.stopping = True
@@ -548,70 +560,69 @@ class _Worker:
             with span("issue", call):
                 issued = call.plan.issue(call.fn, call.kwargs)
         finally:
-            if self._detector is not None:
-                self._detector.after_issue(call)
             _collective_hook.fn = _worker_hook
-            self._pass_turn_on(call)
+            try:
+                if self._detector is not None:
+                    self._detector.after_issue(call)
+            finally:  # the turn goes on whatever happened
+                self._pass_turn_on(call)
         return call.plan.finish(issued, call.kwargs)
 
     def _pass_turn_on(self, issued: Call) -> None:
-        """Holding the turn after issuing ``issued``: advance the position, and
-        serve the calls already waiting there, until the turn must go on.
+        """Holding the turn after issuing ``issued``: advance the position and
+        pass the turn on.
 
         The turn goes to nobody when the next item has posted nothing (its
-        worker takes it with its call), and to the coordinator when that
-        item's event is one only the coordinator handles.
+        worker takes it with its call), to that item's worker when it waits
+        with a call it may issue itself (it wakes with ``_YOUR_TURN``), and to
+        the coordinator when that item's event is one only the coordinator
+        handles. A worker never issues another item's call: that call's issue
+        path runs on its own thread, as serially, and not inside this item's
+        call, where it could need something this item holds (a lock around
+        its collective, say).
         """
         turns = self._turns
-        while True:
-            with turns.lock:
-                turns.count_issue(issued)
-                if turns.stopped:  # the coordinator stops every item; no more issues
-                    turns.holder = _NOBODY
-                    return
-                turns.position = (turns.position + 1) % len(turns.slots)
-                run = turns.slots[turns.position]
-                event = run.pending
-                if event is None:
-                    turns.holder = _NOBODY
-                    return
-                if not run.pending_passable:
-                    turns.hand_to_coordinator()
-                    wake = True
-                else:
-                    wake = False
-            if wake:
-                turns.wake_coordinator()
+        with turns.lock:
+            turns.count_issue(issued)
+            if turns.stopped:  # the coordinator stops every item; no more issues
+                turns.holder = _NOBODY
                 return
-            assert isinstance(event, Call)
-            if not _clear_to_issue(self._detector):
-                # The coordinator takes the call, and raises what the detector saw.
-                turns.hand_back(run, event)
+            turns.position = (turns.position + 1) % len(turns.slots)
+            run = turns.slots[turns.position]
+            event = run.pending
+            if event is None:
+                turns.holder = _NOBODY
                 return
-            with turns.lock:
-                if turns.stopped:  # the coordinator sends this item _STOP
-                    turns.holder = _NOBODY
-                    return
+            to_worker = run.pending_passable
+            if to_worker:
+                assert isinstance(event, Call)
                 run.pending = None
-                run.served = True
-            self._serve(run, event)
-            issued = event
+                run.handed_turn = True  # no _STOP may overtake _YOUR_TURN
+            else:
+                turns.hand_to_coordinator()
+        if to_worker:
+            run.replies.put(_YOUR_TURN)
+        else:
+            turns.wake_coordinator()
 
-    def _serve(self, run: _ItemRun, call: Call) -> None:
-        """Issue another item's ``call`` at its turn, and send that item's worker the outcome."""
-        _collective_hook.fn = None
-        try:
-            with span("issue", call):
-                reply = _Reply(call.issue())
-        except BaseException as error:  # raised where serial code would: in its worker
-            reply = _Reply(error=error)
-        finally:
-            if self._detector is not None:  # before the served worker runs on
-                self._detector.after_issue(call)
-            _collective_hook.fn = _worker_hook
-        run.replies.put(reply)
-        with self._turns.lock:  # after the reply: a _STOP from now on follows it
-            run.served = False
+    def _take_handed_turn(self, run: _ItemRun, call: Call) -> Any:
+        """Woken with ``_YOUR_TURN``: issue ``call`` at the turn a worker passed;
+        returns the call's outcome, or ``_PASSED_BACK`` if the coordinator has it now."""
+        turns = self._turns
+        with turns.lock:
+            run.handed_turn = False
+            stopped = turns.stopped
+            if stopped:
+                turns.holder = _NOBODY
+        if stopped:
+            run.stopping = True
+            raise CancelledError("parallel_map is stopping; this collective was not issued")
+        if _clear_to_issue(self._detector):
+            self.waiting_for_issue = False
+            return self._issue_at_turn(call)
+        # The coordinator gets the call, and raises what the detector saw.
+        turns.hand_back(run, call)
+        return _PASSED_BACK
 
     def item_index(self) -> int | None:
         run = self._run
@@ -626,7 +637,7 @@ class _Worker:
             return f"item {run.index}: running fn"
         what = str(call)
         if for_issue:
-            return f"item {run.index}: waiting for the coordinator to issue {what}"
+            return f"item {run.index}: waiting for its turn to issue {what}"
         return f"item {run.index}: waiting for {what} to complete"
 
 
@@ -729,7 +740,7 @@ class Schedule:
             turns.stopped = True
             to_stop = [
                 run for run in self._feeder.close()
-                if not run.finished and not run.stop_sent and not run.served
+                if not run.finished and not run.stop_sent and not run.handed_turn
             ]
             for run in to_stop:
                 run.stop_sent = True
@@ -824,10 +835,18 @@ class Schedule:
         if self._report_hang_after is None:
             self._turns.wait_for_turn(None)
             return
+        # Workers may pass the turn among themselves for a long time without
+        # the coordinator: only a wait in which nothing was issued is a hang.
         started = time.monotonic()
+        with self._turns.lock:
+            issued = self._turns.issued
         while not self._turns.wait_for_turn(self._report_hang_after):
             with self._turns.lock:
                 run = self._turns.at_position()
+                progressed, issued = self._turns.issued != issued, self._turns.issued
+            if progressed:
+                started = time.monotonic()
+                continue
             self._report_hang(run, time.monotonic() - started)
 
     def _report_hang(self, run: _ItemRun, waited: float) -> None:
