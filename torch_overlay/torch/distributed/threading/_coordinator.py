@@ -732,8 +732,8 @@ class Schedule:
         # After a failure, or if the coordinator itself failed (Ctrl-C),
         # items that ran ahead of the schedule, or were cut short, get
         # _STOP: their next collective raises CancelledError instead of
-        # being issued. A worker that holds the turn issues nothing more; one
-        # that is serving an item's call sends that item its reply instead.
+        # being issued. A worker that holds the turn issues nothing more; an
+        # item just handed the turn gets no _STOP (it finds the turn stopped).
         # Idempotent, so that it can be rerun if interrupted.
         turns = self._turns
         with turns.lock:

@@ -144,7 +144,7 @@ def parallel_map(
     others to finish. Calls that only enqueue work (a collective with an
     ``async_op`` argument, ``send``, ``recv``) need not wait for the calling
     thread: the worker whose call is next in the schedule issues it itself,
-    then issues the calls already waiting after it, in the schedule's order,
+    then hands the turn to the next worker already waiting with such a call,
     so the calling thread wakes only for what it alone does (an item's end,
     object collectives, group creation, :func:`coordinated` functions).
 
