@@ -27,6 +27,7 @@ def main() -> None:
         ["bench_compile.py", *smoke],
         ["bench_instructions.py", *smoke],
         ["trace_schedule.py", *smoke],
+        ["profile_cpu.py", *smoke],
     ]
     failed = [run[0] for run in runs
               if subprocess.run([sys.executable, *run], cwd=HERE).returncode != 0]
