@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch.distributed.distributed_c10d import _collective_hook
+from torch.distributed.threading._calls import TORCH_ONLY_ENTRY_POINTS
 from torch.overrides import _get_current_function_mode_stack
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
@@ -90,6 +91,22 @@ def fake_collective(log: IssueLog, tag: Any, async_op: bool = False) -> FakeWork
         log.works.append(work)
         return work
     return None
+
+
+def fake_torch_only_collective(
+    log: IssueLog, tag: Any, tensor: Any = None, async_op: bool = False
+) -> FakeWork | None:
+    """Like ``fake_collective``, registered as running only torch's code when
+    issued (as torch.distributed's entry points are), so that a worker holding
+    the turn may issue it for another item; ``tensor`` stands for its tensor
+    argument."""
+    if (hook := _collective_hook.fn) is not None:
+        return hook(fake_torch_only_collective, log=log, tag=tag, tensor=tensor,
+                    async_op=async_op)
+    return fake_collective(log, tag, async_op=async_op)
+
+
+TORCH_ONLY_ENTRY_POINTS.add(fake_torch_only_collective)
 
 
 def fake_object_collective(log: IssueLog, tag: Any) -> Any:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextvars
 import itertools
 import logging
+import queue
 import random
 import signal
 import sys
 import sysconfig
 import threading
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -28,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fake_collectives import (
+    fake_torch_only_collective,
     IssueLog,
     issue_state,
     fake_collective,
@@ -276,6 +279,67 @@ def test_ctrl_c_while_a_worker_holds_the_turn():
     assert time.monotonic() - start < 5
     assert outcomes == {0: "issued", 1: "issued", 2: "CancelledError"}
     assert [entry[1] for entry in log.entries] == [0, 1]
+
+
+def test_the_holder_of_the_turn_issues_the_waiting_calls_that_run_only_torch():
+    # Items 1 to 3 post calls whose issue runs only torch's code before item
+    # 0 does: item 0's worker takes the turn and issues all of them, in the
+    # schedule's order, on its own thread; each item's worker still gets its
+    # own result. The object collective goes to the coordinator.
+    log = IssueLog(hold_s=0.001)
+    ran_on = {}
+    posted = threading.Barrier(3, timeout=10)
+
+    def item(i: int) -> tuple[int, ...]:
+        ran_on[i] = threading.current_thread()
+        if i == 0:
+            time.sleep(0.3)  # the others' calls are pending by now
+            fake_torch_only_collective(log, (i, 0), tensor=torch.zeros(1))
+            fake_object_collective(log, (i, 1))
+        else:
+            fake_torch_only_collective(log, (i, 0), tensor=torch.zeros(1))
+            posted.wait()
+            work = fake_torch_only_collective(log, (i, 1), async_op=True)
+            assert work is not None and work.entry == ("collective", (i, 1))
+        return (i,)
+
+    assert parallel_map(item, range(4), max_workers=4) == [(i,) for i in range(4)]
+    expected = reference_schedule([2, 2, 2, 2], 4).order
+    assert [entry[1] for entry in log.entries] == expected
+    assert log.threads[:4] == [ran_on[0]] * 4
+    assert log.threads[4] is threading.main_thread()  # item 0's object collective
+    assert log.issued_by_schedule()
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("why", ["tensor subclass", "dispatch mode", "function mode"])
+def test_the_holder_of_the_turn_does_not_issue_calls_that_may_run_user_code(why):
+    # Item 1's call has a tensor subclass argument, or a mode is active: its
+    # issue may run user code, so item 0's worker hands it the turn instead of
+    # issuing it from inside item 0's own call.
+    log = IssueLog()
+    ran_on = {}
+
+    def item(i: int) -> None:
+        ran_on[i] = threading.current_thread()
+        if i == 0:
+            time.sleep(0.2)
+            fake_torch_only_collective(log, i, tensor=torch.zeros(1))
+            return
+        tensor = torch.zeros(1)
+        if why == "tensor subclass":
+            fake_torch_only_collective(log, i, tensor=[tensor.as_subclass(_Subclass)])
+        else:
+            mode = TorchDispatchMode() if why == "dispatch mode" else TorchFunctionMode()
+            with mode:
+                fake_torch_only_collective(log, i, tensor=tensor)
+
+    parallel_map(item, range(2), max_workers=2)
+    assert [entry[1] for entry in log.entries] == [0, 1]
+    assert log.threads == [ran_on[0], ran_on[1]]
 
 
 def test_a_call_is_issued_on_its_own_thread_not_inside_another_items_call():
@@ -1035,6 +1099,121 @@ def test_item_generators_do_not_depend_on_timing_or_workers(monkeypatch):
     assert parallel_map(draw, range(3), max_workers=2) != parallel_map(draw, range(3), max_workers=2)
     # Outside parallel_map: the default generator, as without generator=.
     assert item_generator() is torch.default_generator
+
+def test_an_issue_error_is_logged_once_by_c10d(world_of_one, monkeypatch):
+    # The issue runs the entry point without c10d's exception-logging
+    # wrapper: the worker's own call, inside that wrapper, logs the error.
+    import torch.distributed as dist
+    from torch.distributed import c10d_logger
+
+    logged = []
+    monkeypatch.setattr(c10d_logger._c10d_logger, "debug", logged.append)
+
+    def item(_: int) -> str:
+        with pytest.raises(ValueError, match="complex") as caught:
+            dist.all_reduce(torch.zeros(1, dtype=torch.cfloat), op=dist.ReduceOp.MAX)
+        return str(caught.value)
+
+    serial = item(0)
+    assert len(logged) == 1
+    logged.clear()
+    assert parallel_map(item, range(4), max_workers=2) == [serial] * 4
+    assert len(logged) == 4
+
+
+def test_only_torchs_own_calls_on_plain_tensors_may_be_issued_for_another_item():
+    import torch.distributed as dist
+    from torch.distributed.threading._calls import (
+        ASYNC_THEN_WAIT, Call, call_functional_op, issue_runs_torch_only,
+    )
+    from torch.distributed.threading._caller_state import ItemModes
+
+    def call(fn, modes=None, **kwargs):
+        return Call(fn, kwargs, ASYNC_THEN_WAIT, 0, 0, None,
+                    ItemModes.capture() if modes is None else modes)
+
+    plain, sub = torch.zeros(1), torch.zeros(1).as_subclass(_Subclass)
+    assert issue_runs_torch_only(call(dist.all_reduce, tensor=plain))
+    assert issue_runs_torch_only(call(dist.all_gather, tensor_list=[plain, plain], tensor=plain))
+    assert not issue_runs_torch_only(call(dist.all_gather, tensor_list=[plain, sub], tensor=plain))
+    assert not issue_runs_torch_only(call(dist.all_reduce, tensor=sub))
+    op = torch.ops._c10d_functional.all_reduce.default
+    assert issue_runs_torch_only(call(call_functional_op, op=op, args=(plain, "sum", "0"), kwargs={}))
+    assert not issue_runs_torch_only(
+        call(call_functional_op, op=op, args=(sub, "sum", "0"), kwargs={})
+    )
+    with TorchDispatchMode():
+        assert not issue_runs_torch_only(call(dist.all_reduce, tensor=plain))
+    assert not issue_runs_torch_only(call(fake_collective, log=IssueLog(), tag=0))
+
+
+def test_a_deprecated_collective_warns_once_per_call(world_of_one):
+    # The issue runs the entry point without its decorators: the worker's own
+    # call has warned already.
+    import warnings
+
+    import torch.distributed as dist
+
+    def item(_: int) -> None:
+        dist.all_reduce_coalesced([torch.ones(1)])
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        item(0)
+        serial = len(caught)
+        parallel_map(item, range(4), max_workers=2)
+    assert serial == 1
+    assert len(caught) == 5, [str(w.message) for w in caught]
+
+
+def test_a_stop_while_a_served_worker_runs_on_still_reaches_it():
+    # Worker 0 holds the turn and issues item 1's waiting call for it. As soon
+    # as item 1 has its reply it posts its next call, and the coordinator
+    # stops the schedule (Ctrl-C, say). Item 1's next call must get _STOP: had
+    # the holder still counted item 1 as owed a reply when the stop came,
+    # the stop would skip it and item 1 would wait forever.
+    from torch.distributed.threading import _coordinator
+    from torch.distributed.threading._calls import ASYNC_THEN_WAIT, Call
+
+    turns = _coordinator._Turns()
+    holder_run, served_run = _coordinator._ItemRun(0, 0), _coordinator._ItemRun(1, 1)
+    turns.slots, turns.holder = [holder_run, served_run], _coordinator._WORKER
+
+    class Feeder:
+        def close(self) -> list[Any]:
+            return [holder_run, served_run]
+
+    schedule = object.__new__(_coordinator.Schedule)
+    schedule._turns, schedule._feeder = turns, Feeder()
+
+    def call(run: Any, seq: int) -> Call:
+        made = Call(lambda **_: None, {}, ASYNC_THEN_WAIT, run.index, seq, None)
+        made.servable = True
+        return made
+
+    served_run.pending, served_run.pending_passable = call(served_run, 0), True
+
+    def served_worker_runs_on() -> None:  # item 1's worker, then the coordinator
+        assert isinstance(served_run.replies.get(), _coordinator._Reply)
+        turns.post(served_run, call(served_run, 1), True)
+        schedule._stop_items()
+
+    class Replies(queue.SimpleQueue):
+        def put(self, item: Any, *args: Any, **kwargs: Any) -> None:
+            super().put(item, *args, **kwargs)
+            if isinstance(item, _coordinator._Reply):  # the holder replies
+                runner = threading.Thread(target=served_worker_runs_on, daemon=True)
+                runner.start()
+                runner.join(0.5)  # it runs now, or once the holder lets it
+
+    served_run.replies = Replies()
+    worker = object.__new__(_coordinator._Worker)
+    worker._turns, worker._detector = turns, None
+    try:
+        worker._pass_turn_on(call(holder_run, 0))
+    finally:
+        _collective_hook.fn = None  # a worker's, set back after serving
+    assert served_run.replies.get(timeout=5) is _coordinator._STOP
 
 
 if __name__ == "__main__":

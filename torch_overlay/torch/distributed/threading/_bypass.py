@@ -69,6 +69,7 @@ import torch.distributed.distributed_c10d as c10d
 from torch.distributed.distributed_c10d import _collective_hook
 
 from ._calls import call_coordinated
+from ._swap import Swap, SwappedWhileEntered
 
 
 if TYPE_CHECKING:
@@ -329,43 +330,23 @@ def _refusing_method(cls_name: str, name: str, original: Any) -> Callable[..., A
     return refuse_on_workers
 
 
-class RefuseProcessGroupCallsOnWorkers:
+class RefuseProcessGroupCallsOnWorkers(SwappedWhileEntered):
     """While entered, ProcessGroup's and Backend's collective methods raise on workers.
 
-    Entered by a top-level parallel_map around its schedule, so that code
-    outside parallel_map pays nothing. The coordinating thread may start
-    another call (from a coordinated function, say): only the outermost exit
-    restores the methods.
+    Entered by a top-level parallel_map around its schedule (see ``_swap``),
+    so that code outside parallel_map pays nothing.
     """
 
-    _replaced: list[tuple[type[Any], str, Any, Callable[..., Any]]] | None = None
-    _depth = 0  # entered by one coordinating thread at a time (parallel_map's lock)
-
     @classmethod
-    def _targets(cls) -> list[tuple[type[Any], str, Any, Callable[..., Any]]]:
-        if cls._replaced is None:
-            targets: list[tuple[type[Any], str, Any, Callable[..., Any]]] = []
-            # Backend: the C++ class that ProcessGroupGloo and the others derive
-            # from (c10d.Backend is the Python class of backend names).
-            for owner in (dist.ProcessGroup, torch._C._distributed_c10d.Backend):
-                for name in _PROCESS_GROUP_METHODS:
-                    if name in owner.__dict__:
-                        original = owner.__dict__[name]
-                        refusing = _refusing_method(owner.__name__, name, original)
-                        targets.append((owner, name, original, refusing))
-            cls._replaced = targets
-        return cls._replaced
-
-    def __enter__(self) -> None:
-        cls = type(self)
-        if cls._depth == 0:
-            for owner, name, _, refusing in self._targets():
-                setattr(owner, name, refusing)
-        cls._depth += 1
-
-    def __exit__(self, *exc: object) -> None:
-        cls = type(self)
-        cls._depth -= 1
-        if cls._depth == 0:
-            for owner, name, original, _ in self._targets():
-                setattr(owner, name, original)
+    def build_swaps(cls) -> list[Swap]:
+        swaps: list[Swap] = []
+        # Backend: the C++ class that ProcessGroupGloo and the others derive
+        # from (c10d.Backend is the Python class of backend names).
+        for owner in (dist.ProcessGroup, torch._C._distributed_c10d.Backend):
+            for name in _PROCESS_GROUP_METHODS:
+                if name in owner.__dict__:
+                    original = owner.__dict__[name]
+                    swaps.append(
+                        (owner, name, original, _refusing_method(owner.__name__, name, original))
+                    )
+        return swaps

@@ -24,22 +24,26 @@ runs, and gives it up when the item at the position has posted nothing yet;
 it then sleeps. The next event posted at the position decides who goes on:
 
 * a call that only enqueues work (see ``_calls``): its own worker takes the
-  turn, issues the call, and advances the position. If the item at the new
-  position already waits with a call of that kind, the worker hands the turn
-  straight to that item's worker (``_YOUR_TURN``), which issues its own call
-  and goes on the same way; if it has posted nothing, the worker leaves the
-  turn open, and that item's worker takes it with its call. A worker never
-  issues another item's call: each call's issue path runs on its own
-  thread, as in the serial loop, never inside another item's collective,
-  where it could need something that item holds (a lock around its call);
+  turn, issues the call, and advances the position. While the item at the
+  new position already waits with a call of that kind whose issue runs only
+  torch's code (``Call.servable``: a torch.distributed entry point on plain
+  tensors, no modes), the worker issues that call too, and its worker gets
+  the reply as from the coordinator: a run of such calls needs no thread to
+  wake before the next issue. A waiting call whose issue may run user code
+  (a mode, a tensor subclass) is never issued inside another item's call,
+  where that code could need something the item holds (a lock around its
+  call): the worker hands the turn to that item's worker (``_YOUR_TURN``),
+  which issues its own call and goes on the same way. If the item at the
+  new position has posted nothing, the worker leaves the turn open, and
+  that item's worker takes it with its call;
 * anything else (an item's end, a call that runs to completion, a call to be
   coalesced) stays at the position, and the turn goes back to the
   coordinator, which is woken for it.
 
-So a run of enqueue-only collectives needs no thread switch but one wake-up
-of each worker that waited for its turn, and the coordinator wakes only for
-what it alone does: advancing the iterable (when an item enters a slot), running
-calls that run to completion (object collectives, group creation,
+So a run of enqueue-only collectives is issued without waiting on a thread
+to wake, and the coordinator wakes only for what it alone does: advancing
+the iterable (when an item enters a slot), running calls that run to
+completion (object collectives, group creation,
 ``coordinated`` functions: the latter are documented to run on the
 coordinating thread, and all of them block, so a worker holding the turn
 meanwhile would gain nothing), issuing held coalesced calls, reporting hangs,
@@ -64,7 +68,7 @@ coordinator marks the turn stopped under its lock: a worker that holds it
 issues nothing more, and a call posted from then on raises
 ``CancelledError``. Calls left pending get ``_STOP``; a worker handed the
 turn at that moment finds the turn stopped and raises ``CancelledError``
-without issuing.
+without issuing, and a call that the holder took to issue gets its reply.
 
 Items, waits for a turn and issues are spans in a ``torch.profiler`` trace
 (see ``_profiling``).
@@ -111,7 +115,7 @@ from torch.distributed.distributed_c10d import _collective_hook
 
 from ._bypass import coalescing_manager_error, CollectiveBypassError
 from ._caller_state import ItemModes
-from ._calls import Call, cuda_is_initialized, plan_for
+from ._calls import Call, cuda_is_initialized, issue_runs_torch_only, plan_for
 from ._coalescing import coalescing_key, issue_coalesced
 from ._pool import pool
 from ._profiling import span
@@ -203,7 +207,9 @@ class _ItemRun:
         # Under _Turns.lock:
         self.pending: Call | _Finished | None = None
         self.pending_passable = False  # a worker holding the turn may issue it
-        self.handed_turn = False  # _YOUR_TURN sent, not yet taken by the worker
+        # The holder took its pending call: it owes the worker _YOUR_TURN or
+        # the call's reply, which no _STOP may overtake.
+        self.owed = False
         self.finished = False  # seen to end by the coordinator
         self.stop_sent = False  # coordinator side: _STOP sent
         # Worker side:
@@ -285,11 +291,34 @@ class _Turns:
         return _POSTED
 
     def hand_back(self, run: _ItemRun, call: Call) -> None:
-        """The holder leaves ``call`` at the position for the coordinator, and the turn."""
+        """The holder leaves ``call`` at the position for the coordinator, and the turn.
+
+        Once the schedule has stopped, the coordinator takes no more events:
+        the call's worker gets ``_STOP`` instead (unless it already has).
+        """
         with self.lock:
-            run.pending, run.pending_passable = call, False
-            self.holder = _COORDINATOR
-        self._wake.put(None)
+            run.owed = False
+            stop = self.stopped and not run.stop_sent
+            if stop:
+                run.stop_sent = True
+            elif not self.stopped:
+                run.pending, run.pending_passable = call, False
+                self.holder = _COORDINATOR
+        if stop:
+            run.replies.put(_STOP)
+        elif not self.stopped:
+            self._wake.put(None)
+
+    def reply(self, run: _ItemRun, reply: _Reply) -> None:
+        """Give the worker of a call that the holder took (``owed``) its reply.
+
+        Under the lock, with ``owed`` cleared: the worker can post its next
+        call only once it has the reply, and ``_stop_items`` then sees it
+        as owed nothing, so a stop from that moment reaches it.
+        """
+        with self.lock:
+            run.owed = False
+            run.replies.put(reply)
 
     def hand_to_coordinator(self) -> None:
         """Under ``lock``: the holder gives the coordinator the turn (``wake`` after)."""
@@ -431,7 +460,14 @@ _TRACING_MODES = (
 )
 
 
+def _capturing_cuda_graph() -> bool:
+    """Whether this thread captures a CUDA graph: another item's call must not join it."""
+    return cuda_is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 def _tracing() -> bool:
+    if not torch._C._len_torch_dispatch_stack():  # counts these modes too; the common case
+        return False
     get_mode = torch._C._get_dispatch_mode
     return any(get_mode(key) is not None for key in _TRACING_MODES)
 
@@ -519,6 +555,7 @@ class _Worker:
         passable = plan.worker_may_issue and not (
             self._coalesce and coalescing_key(call) is not None
         )
+        call.servable = passable and issue_runs_torch_only(call)
         run.calls += 1
         self.waiting_on, self.waiting_for_issue = call, True
         try:
@@ -569,48 +606,94 @@ class _Worker:
         return call.plan.finish(issued, call.kwargs)
 
     def _pass_turn_on(self, issued: Call) -> None:
-        """Holding the turn after issuing ``issued``: advance the position and
+        """Holding the turn after issuing ``issued``: advance the position,
+        serve the calls already waiting there that only run torch's code, and
         pass the turn on.
 
-        The turn goes to nobody when the next item has posted nothing (its
-        worker takes it with its call), to that item's worker when it waits
-        with a call it may issue itself (it wakes with ``_YOUR_TURN``), and to
-        the coordinator when that item's event is one only the coordinator
-        handles. A worker never issues another item's call: that call's issue
-        path runs on its own thread, as serially, and not inside this item's
-        call, where it could need something this item holds (a lock around
-        its collective, say).
+        Each call at the position is taken in the schedule's order. A call
+        whose issue runs no user code (``Call.servable``) is issued here, and
+        its worker gets the reply as from the coordinator; no thread switch
+        stands between two such issues. At the first other event the turn
+        goes on: to nobody when the item there has posted nothing (its worker
+        takes it with its call), to that item's worker when it waits with a
+        call it may issue itself (it wakes with ``_YOUR_TURN``), and to the
+        coordinator when the event is one only the coordinator handles. A
+        call whose issue may run user code (a mode, a tensor subclass) is
+        never issued here, inside this item's call: it could need something
+        this item holds (a lock around its collective, say). Serving stops
+        at this worker's own slot, which has nothing pending.
+
+        An error of the bypass detector's read after a served issue is raised
+        here once the turn has moved on, as after this worker's own issue.
         """
+        turns = self._turns
+        failure: BaseException | None = None
+        while (taken := self._next_to_serve(issued)) is not None:
+            run, call = taken
+            if not _clear_to_issue(self._detector):
+                # The coordinator gets the call, and raises what the detector saw.
+                turns.hand_back(run, call)
+                break
+            reply = self._serve(call)
+            try:
+                if self._detector is not None:  # before its worker runs on
+                    self._detector.after_issue(call)
+            except BaseException as error:
+                failure = failure or error
+            turns.reply(run, reply)
+            issued = call
+        if failure is not None:
+            raise failure
+
+    def _next_to_serve(self, issued: Call) -> tuple[_ItemRun, Call] | None:
+        """Count ``issued``, advance the position, and take the call there if
+        this worker is to issue it; else pass the turn on and return None."""
         turns = self._turns
         with turns.lock:
             turns.count_issue(issued)
             if turns.stopped:  # the coordinator stops every item; no more issues
                 turns.holder = _NOBODY
-                return
+                return None
             turns.position = (turns.position + 1) % len(turns.slots)
             run = turns.slots[turns.position]
             event = run.pending
             if event is None:
                 turns.holder = _NOBODY
-                return
-            to_worker = run.pending_passable
-            if to_worker:
+                return None
+            if not run.pending_passable:
+                turns.hand_to_coordinator()
+                to = _COORDINATOR
+            else:
                 assert isinstance(event, Call)
                 run.pending = None
-                run.handed_turn = True  # no _STOP may overtake _YOUR_TURN
-            else:
-                turns.hand_to_coordinator()
-        if to_worker:
-            run.replies.put(_YOUR_TURN)
-        else:
+                run.owed = True  # no _STOP may overtake its reply or _YOUR_TURN
+                serve = event.servable and not _capturing_cuda_graph()
+                if serve:
+                    return run, event
+                to = _WORKER
+        if to is _COORDINATOR:
             turns.wake_coordinator()
+        else:
+            run.replies.put(_YOUR_TURN)
+        return None
+
+    def _serve(self, call: Call) -> _Reply:
+        """Issue another item's ``call`` at its turn (see ``_pass_turn_on``)."""
+        _collective_hook.fn = None
+        try:
+            with span("issue", call):
+                return _Reply(call.issue())
+        except Exception as error:  # raised where serial code would: in its worker
+            return _Reply(error=error)
+        finally:
+            _collective_hook.fn = _worker_hook
 
     def _take_handed_turn(self, run: _ItemRun, call: Call) -> Any:
         """Woken with ``_YOUR_TURN``: issue ``call`` at the turn a worker passed;
         returns the call's outcome, or ``_PASSED_BACK`` if the coordinator has it now."""
         turns = self._turns
         with turns.lock:
-            run.handed_turn = False
+            run.owed = False
             stopped = turns.stopped
             if stopped:
                 turns.holder = _NOBODY
@@ -740,7 +823,7 @@ class Schedule:
             turns.stopped = True
             to_stop = [
                 run for run in self._feeder.close()
-                if not run.finished and not run.stop_sent and not run.handed_turn
+                if not run.finished and not run.stop_sent and not run.owed
             ]
             for run in to_stop:
                 run.stop_sent = True

@@ -35,13 +35,13 @@ are not reached here; the bypass detector reports them.
 
 from __future__ import annotations
 
-import threading
 from typing import Any, TYPE_CHECKING
 
 import torch
 from torch.distributed.distributed_c10d import _collective_hook
 
 from ._calls import call_functional_op
+from ._swap import Swap, SwappedWhileEntered
 
 
 if TYPE_CHECKING:
@@ -69,8 +69,6 @@ COLLECTIVE_OPS = {
     ),
     "_dtensor": ("shard_dim_alltoall",),
 }
-
-_hooked_lock = threading.Lock()
 
 
 class _HookedOp:
@@ -119,47 +117,20 @@ def collective_op_names() -> list[str]:
     ]
 
 
-# Every packet and overload of the collective ops, with its hooked callable;
-# built once, on first use.
-_hooked: list[tuple[Any, _HookedOp]] | None = None
-
-
-def _hooked_ops() -> list[tuple[Any, _HookedOp]]:
-    global _hooked
-    with _hooked_lock:
-        if _hooked is None:
-            pairs = []
-            for qualified in collective_op_names():
-                namespace, name = qualified.split("::")
-                packet = getattr(getattr(torch.ops, namespace), name)
-                ops = [packet, *(getattr(packet, overload) for overload in packet.overloads())]
-                pairs += [(op, _HookedOp(op, op._op)) for op in ops]
-            _hooked = pairs
-        return _hooked
-
-
-class HookedOps:
+class HookedOps(SwappedWhileEntered):
     """While entered, the collective ops hand their calls to the collective hook.
 
     Entered by a top-level ``parallel_map`` around its schedule, together with
     :class:`~torch.distributed.threading._bypass.RefuseProcessGroupCallsOnWorkers`
-    and under the same rule: one coordinating thread at a time, which may
-    enter again (a nested call from that thread); the outermost exit puts the
-    original callables back.
+    (see ``_swap``).
     """
 
-    _depth = 0
-
-    def __enter__(self) -> None:
-        cls = type(self)
-        if cls._depth == 0:
-            for op, hooked in _hooked_ops():
-                op._op = hooked
-        cls._depth += 1
-
-    def __exit__(self, *exc: object) -> None:
-        cls = type(self)
-        cls._depth -= 1
-        if cls._depth == 0:
-            for op, hooked in _hooked_ops():
-                op._op = hooked._original
+    @classmethod
+    def build_swaps(cls) -> list[Swap]:
+        swaps: list[Swap] = []
+        for qualified in collective_op_names():
+            namespace, name = qualified.split("::")
+            packet = getattr(getattr(torch.ops, namespace), name)
+            ops = [packet, *(getattr(packet, overload) for overload in packet.overloads())]
+            swaps.extend((op, "_op", op._op, _HookedOp(op, op._op)) for op in ops)
+        return swaps

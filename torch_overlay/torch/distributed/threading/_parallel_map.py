@@ -144,8 +144,10 @@ def parallel_map(
     others to finish. Calls that only enqueue work (a collective with an
     ``async_op`` argument, ``send``, ``recv``) need not wait for the calling
     thread: the worker whose call is next in the schedule issues it itself,
-    then hands the turn to the next worker already waiting with such a call,
-    so the calling thread wakes only for what it alone does (an item's end,
+    then issues the calls already waiting at the next slots too, as long as
+    their issue runs only torch's code (plain tensors, no modes; else it
+    hands that call's worker the turn), so the calling thread wakes only for
+    what it alone does (an item's end,
     object collectives, group creation, :func:`coordinated` functions).
 
     Each item runs with the caller's grad mode, inference mode, autocast state

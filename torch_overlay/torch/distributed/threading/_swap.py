@@ -1,0 +1,63 @@
+"""Attributes replaced only while a top-level ``parallel_map`` runs.
+
+Two guards cannot live in ``distributed_c10d``'s entry points: the refusal of
+the collective methods of ``ProcessGroup`` and ``Backend``, which a worker
+could call directly (see ``_bypass``), and the hook of the functional
+collective ops, which compiled code calls directly (see ``_op_hook``). Both
+replace attributes of torch's objects, and both only for as long as a
+top-level ``parallel_map`` runs, so that code outside it runs exactly what it
+ran before and pays nothing. :class:`SwappedWhileEntered` is that one rule:
+the first entry replaces every attribute, the last exit puts the originals
+back. One coordinating thread enters at a time (``parallel_map`` admits one
+top-level call), and it may enter again: a ``coordinated`` function on that
+thread may start another call. A thread that reads an attribute meanwhile
+gets either callable, so each guard must be right with both.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+
+__all__: list[str] = []
+
+# (object, attribute name, original, replacement)
+Swap = tuple[Any, str, Any, Any]
+
+_build_lock = threading.Lock()
+
+
+class SwappedWhileEntered:
+    """A context manager that swaps the attributes ``build_swaps`` lists; see the module doc."""
+
+    _depth = 0
+    _swaps: list[Swap] | None = None  # set on each subclass by ``swaps``
+
+    @classmethod
+    def build_swaps(cls) -> list[Swap]:
+        """The swaps, computed once per subclass, on first entry."""
+        raise NotImplementedError
+
+    @classmethod
+    def swaps(cls) -> list[Swap]:
+        with _build_lock:
+            built: list[Swap] | None = cls.__dict__.get("_swaps")
+            if built is None:
+                built = cls.build_swaps()
+                cls._swaps = built
+            return built
+
+    def __enter__(self) -> None:
+        cls = type(self)
+        if cls._depth == 0:
+            for owner, name, _, replacement in cls.swaps():
+                setattr(owner, name, replacement)
+        cls._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        cls = type(self)
+        cls._depth -= 1
+        if cls._depth == 0:
+            for owner, name, original, _ in cls.swaps():
+                setattr(owner, name, original)
