@@ -94,15 +94,18 @@ def fake_collective(log: IssueLog, tag: Any, async_op: bool = False) -> FakeWork
 
 
 def fake_torch_only_collective(
-    log: IssueLog, tag: Any, tensor: Any = None, async_op: bool = False
+    log: IssueLog, tag: Any, tensor: Any = None, async_op: bool = False,
+    raises: BaseException | None = None,
 ) -> FakeWork | None:
     """Like ``fake_collective``, registered as running only torch's code when
     issued (as torch.distributed's entry points are), so that a worker holding
     the turn may issue it for another item; ``tensor`` stands for its tensor
-    argument."""
+    argument. Its issue raises ``raises``, if given."""
     if (hook := _collective_hook.fn) is not None:
         return hook(fake_torch_only_collective, log=log, tag=tag, tensor=tensor,
-                    async_op=async_op)
+                    async_op=async_op, raises=raises)
+    if raises is not None:
+        raise raises
     return fake_collective(log, tag, async_op=async_op)
 
 

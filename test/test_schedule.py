@@ -315,6 +315,40 @@ class _Subclass(torch.Tensor):
     pass
 
 
+class _Abort(BaseException):
+    pass
+
+
+def test_a_served_issue_that_raises_a_base_exception_raises_it_in_its_own_item():
+    # Item 0's worker issues item 1's waiting call, whose issue raises
+    # something that is not an Exception. It belongs to item 1, as serially;
+    # item 0 goes on, and item 1's worker is not left waiting for a reply.
+    log = IssueLog()
+    ran_on = {}
+
+    def item(i: int) -> str:
+        ran_on[i] = threading.current_thread()
+        if i == 0:
+            time.sleep(0.2)  # item 1's call waits for its turn by now
+            fake_torch_only_collective(log, i)
+            return "ok"
+        try:
+            fake_torch_only_collective(log, i, raises=_Abort("issue failed"))
+        except _Abort as caught:
+            return f"caught {caught}"
+        return "not raised"
+
+    result: list[list[str]] = []
+    runner = threading.Thread(
+        target=lambda: result.append(parallel_map(item, range(2), max_workers=2)), daemon=True
+    )
+    runner.start()
+    runner.join(10)
+    assert not runner.is_alive(), "parallel_map hung"
+    assert result == [["ok", "caught issue failed"]]
+    assert log.threads == [ran_on[0]]
+
+
 @pytest.mark.parametrize("why", ["tensor subclass", "dispatch mode", "function mode"])
 def test_the_holder_of_the_turn_does_not_issue_calls_that_may_run_user_code(why):
     # Item 1's call has a tensor subclass argument, or a mode is active: its

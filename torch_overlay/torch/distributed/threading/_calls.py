@@ -4,8 +4,10 @@ The schedule only *issues*: a collective that the worker asked for
 synchronously is issued asynchronously and the worker waits on the returned
 ``Work`` itself, so the coordinator is free to issue the next slot's
 collective while this one is in flight. Such single asynchronous calls may
-also be issued by the calling worker itself, at its turn in the schedule
-(see ``_coordinator``).
+also be issued by a worker that holds the schedule's turn: the calling
+worker itself, or, when the issue runs only torch's code
+(``issue_runs_torch_only``), the worker whose call came just before it (see
+``_coordinator``).
 Calls without an asynchronous form (object collectives, group creation,
 ``monitored_barrier``, functions wrapped with
 :func:`~torch.distributed.threading.coordinated`) run to completion on the
@@ -204,8 +206,9 @@ class Call:
         return f"{self.name} (item {self.item}, call {self.seq})"
 
     def issue(self) -> Any:
-        """Issue on the coordinating thread, on the calling worker's CUDA
-        stream, under the calling item's modes."""
+        """Issue on this thread (the coordinating thread, or a worker holding
+        the turn for this call), on the calling worker's CUDA stream, under
+        the calling item's modes."""
         modes = self.modes
         if modes is not None and not modes.are_this_threads():
             with modes.applied():

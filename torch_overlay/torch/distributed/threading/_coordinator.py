@@ -298,15 +298,16 @@ class _Turns:
         """
         with self.lock:
             run.owed = False
-            stop = self.stopped and not run.stop_sent
+            stopped = self.stopped
+            stop = stopped and not run.stop_sent
             if stop:
                 run.stop_sent = True
-            elif not self.stopped:
+            elif not stopped:
                 run.pending, run.pending_passable = call, False
                 self.holder = _COORDINATOR
         if stop:
             run.replies.put(_STOP)
-        elif not self.stopped:
+        elif not stopped:
             self._wake.put(None)
 
     def reply(self, run: _ItemRun, reply: _Reply) -> None:
@@ -667,8 +668,7 @@ class _Worker:
                 assert isinstance(event, Call)
                 run.pending = None
                 run.owed = True  # no _STOP may overtake its reply or _YOUR_TURN
-                serve = event.servable and not _capturing_cuda_graph()
-                if serve:
+                if event.servable and not _capturing_cuda_graph():
                     return run, event
                 to = _WORKER
         if to is _COORDINATOR:
@@ -683,8 +683,8 @@ class _Worker:
         try:
             with span("issue", call):
                 return _Reply(call.issue())
-        except Exception as error:  # raised where serial code would: in its worker
-            return _Reply(error=error)
+        except BaseException as error:  # raised where serial code would: in its worker,
+            return _Reply(error=error)  # which would otherwise wait for a reply forever
         finally:
             _collective_hook.fn = _worker_hook
 
@@ -816,7 +816,8 @@ class Schedule:
         # items that ran ahead of the schedule, or were cut short, get
         # _STOP: their next collective raises CancelledError instead of
         # being issued. A worker that holds the turn issues nothing more; an
-        # item just handed the turn gets no _STOP (it finds the turn stopped).
+        # item owed _YOUR_TURN or a reply by the holder gets no _STOP: it
+        # finds the turn stopped, or gets the reply of its issued call.
         # Idempotent, so that it can be rerun if interrupted.
         turns = self._turns
         with turns.lock:

@@ -8,8 +8,8 @@ does there, as ``record_function`` spans:
 * ``parallel_map wait <op>``: a worker waits for the schedule to issue its
   call (its turn), then for the issue's outcome;
 * ``parallel_map issue <op> (item <i>, call <k>)``: a thread issues a call at
-  its turn (the coordinating thread, or the calling worker, holding the
-  schedule's turn).
+  its turn (the coordinating thread, or a worker holding the schedule's
+  turn: the calling worker, or the one before it issuing it for that item).
 
 A worker waiting for an issued collective to complete is inside the
 collective itself, which the profiler already records. The profiler records
