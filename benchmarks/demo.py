@@ -1,7 +1,7 @@
 """Demo: a loop with a collective per item, serial and with ``parallel_map``.
 
     scripts/demo [--workload loss|seed] [--world-size N] [--items N]
-                 [--max-workers N] [--repeat N]
+                 [--max-workers N] [--seconds S | --repeat N]
 
 ``loss`` (default): the item is one decoder layer's loss of a DETR-style
 detector (``layer_loss.py``): Hungarian matching of predictions to targets in
@@ -14,18 +14,24 @@ The loop is ``multi_apply``-style, one call per layer over two lists:
 loop and a scalar ``all_reduce``; the serial loop already uses both cores in
 its matmuls, so threads have little to add.
 
-Both loops run on every rank, interleaved, ``--repeat`` times; every rank
-checks that ``parallel_map``'s results equal its serial loop's, and rank 0
-prints the median times of each rank.
+Both loops run on every rank in rounds, back to back, for ``--seconds``
+(default 20) or ``--repeat`` rounds; every rank checks that ``parallel_map``'s
+results equal its serial loop's in every round. Rank 0 prints each rank's
+median times and the median of the rounds' own speedups: on a virtual machine
+whose single-thread speed changes within seconds, a ratio taken within one
+round is what stays put. Each round also times raw threads of pure Python
+against one thread, to show what threads can give on the machine right then.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -42,6 +48,7 @@ DESCRIPTIONS = {
     "seed": "item = 10 x two 256x256 matmuls, a 16,000-step Python loop, a scalar all_reduce",
 }
 DEFAULT_ITEMS = {"loss": 6, "seed": 8}
+_MIN_ROUNDS = 3
 
 
 def _loop(workload: str, items: int) -> tuple[Callable[..., Any], Sequence[Sequence[Any]]]:
@@ -54,8 +61,69 @@ def _loop(workload: str, items: int) -> tuple[Callable[..., Any], Sequence[Seque
     return work, ([work.item_input(i) for i in range(items)],)
 
 
-def _rank_body(workload: str, items: int, max_workers: int, repeat: int,
-               cores_per_rank: int) -> None:
+class _PurePythonThreads:
+    """Private pure Python on ``workers`` raw threads against the same work on one.
+
+    What threads can give on this machine at this moment, measured in the same
+    rounds as the demo's loops: two threads of pure Python reach 1.6-1.8x on a
+    2-core virtual machine whose cores change speed from second to second.
+    """
+
+    _STEPS = 150_000  # about 10 ms on this machine
+
+    def __init__(self, workers: int) -> None:
+        self._workers = workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="demo-pure-python")
+
+    @staticmethod
+    def _work(steps: int) -> int:
+        total = 0
+        for i in range(steps):
+            total += i * i % 7
+        return total
+
+    def ratio(self) -> float:
+        """One serial-then-threads round: serial time over threads time."""
+        start = time.perf_counter()
+        for _ in range(self._workers):
+            self._work(self._STEPS)
+        serial = time.perf_counter() - start
+        start = time.perf_counter()
+        list(self._pool.map(self._work, [self._STEPS] * self._workers))
+        return serial / (time.perf_counter() - start)
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+
+def _rounds(repeat: int | None, seconds: float) -> Iterator[int]:
+    """Round numbers: ``repeat`` of them, or as many as fit in ``seconds``.
+
+    Every rank must run the same rounds (each loop issues collectives), so in
+    the timed case rank 0 decides and broadcasts, outside the timed loops.
+    """
+    start = time.monotonic()
+    for n in itertools.count():
+        if repeat is not None:
+            if n == repeat:
+                return
+        else:
+            go = torch.tensor([int(n < _MIN_ROUNDS or time.monotonic() - start < seconds)])
+            dist.broadcast(go, src=0)
+            if not go.item():
+                return
+        yield n
+
+
+def _middle_half(values: Sequence[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    quartiles = statistics.quantiles(values, n=4, method="inclusive")
+    return quartiles[0], quartiles[2]
+
+
+def _rank_body(workload: str, items: int, max_workers: int, repeat: int | None,
+               seconds: float, cores_per_rank: int) -> None:
     torch.set_num_threads(cores_per_rank)
     rank = dist.get_rank()
     fn, lists = _loop(workload, items)
@@ -73,12 +141,19 @@ def _rank_body(workload: str, items: int, max_workers: int, repeat: int,
     thread_counts = sorted({cores_per_rank, worker_threads})
     serial_times: dict[int, list[float]] = {n: [] for n in thread_counts}
     parallel_times: list[float] = []
+    pure_python = _PurePythonThreads(max_workers)
+    pure_python_ratios: list[float] = []
     for n in thread_counts:  # warm-up
         torch.set_num_threads(n)
         list(map(fn, *lists))
     torch.set_num_threads(cores_per_rank)
     parallel_map(fn, *lists, max_workers=max_workers)
-    for _ in range(repeat):  # interleaved, so drift in the machine hits all
+    # Each round runs every variant back to back, and the speedup is the median
+    # over rounds of each round's own ratio: this virtual machine's speed of one
+    # busy thread changes by up to 2x within seconds, which a ratio of medians
+    # taken over a few seconds turns into a different answer on every run.
+    for _ in _rounds(repeat, seconds):
+        pure_python_ratios.append(pure_python.ratio())
         # Most threads first: idle OpenMP threads spin for a while after a
         # parallel region, which should not land on a loop that runs threads.
         for n in reversed(thread_counts):
@@ -93,28 +168,34 @@ def _rank_body(workload: str, items: int, max_workers: int, repeat: int,
         if parallel != expected:
             raise SystemExit(f"rank {rank}: parallel_map results {parallel} differ from "
                              f"the serial loop's {expected}")
+    pure_python.close()
     best = min(thread_counts, key=lambda n: statistics.median(serial_times[n]))
-    ratios = sorted(s / p for s, p in zip(serial_times[best], parallel_times, strict=True))
+    ratios = [s / p for s, p in zip(serial_times[best], parallel_times, strict=True)]
     outcomes: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(outcomes, (gil_enabled(), best, statistics.median(serial_times[best]),
-                                      statistics.median(parallel_times), ratios[0], ratios[-1]))
+                                      statistics.median(parallel_times), statistics.median(ratios),
+                                      _middle_half(ratios), statistics.median(pure_python_ratios)))
     if rank == 0:
         print(DESCRIPTIONS[workload])
         print(f"{interpreter_summary()}; world size {dist.get_world_size()}, {items} items, "
               f"max_workers={max_workers}, {cores_per_rank} core(s) per rank, "
-              f"median of {repeat} interleaved runs")
+              f"{len(parallel_times)} rounds")
         print(f"{'rank':>4}  {'GIL':3}  {'serial':>9}  {'parallel_map':>12}  {'speedup':>7}  "
-              f"{'per-run range':>13}")
-        for r, (gil, _, serial_s, parallel_s, low, high) in enumerate(outcomes):
+              f"{'middle half':>11}  {'pure-Python threads':>19}")
+        for r, (gil, _, serial_s, parallel_s, speedup, (low, high), pure) in enumerate(outcomes):
             print(f"{r:>4}  {'on' if gil else 'off':3}  {serial_s * 1e3:6.1f} ms  "
-                  f"{parallel_s * 1e3:9.1f} ms  {serial_s / parallel_s:6.2f}x  "
-                  f"{low:5.2f}-{high:.2f}x")
+                  f"{parallel_s * 1e3:9.1f} ms  {speedup:6.2f}x  {low:5.2f}-{high:.2f}x  "
+                  f"{pure:18.2f}x")
         used = sorted({n for _, n, *_ in outcomes})
+        print("times: medians over rounds; speedup: the median of each round's serial / "
+              "parallel_map, and the middle half of those ratios")
+        print(f"pure-Python threads: {max_workers} raw threads of private pure Python against "
+              "one, in the same rounds: what threads give on this machine now")
         print(f"serial: the faster of the loop with {' and '.join(map(str, thread_counts))} "
               f"intra-op thread(s) (here {' / '.join(map(str, used))}); parallel_map: "
               f"{worker_threads} per worker")
         print(f"results: on every rank, parallel_map's {items} results equal the serial "
-              "loop's, every run")
+              "loop's, every round")
 
 
 def main() -> None:
@@ -130,14 +211,17 @@ def main() -> None:
                         help="decoder layers (loss, default 6) or items (seed, default 8)")
     parser.add_argument("--max-workers", type=int, default=None,
                         help="default: cores per rank")
-    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--seconds", type=float, default=20.0,
+                        help=f"how long to run rounds (default 20; at least {_MIN_ROUNDS})")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="a fixed number of rounds instead of --seconds")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", args.world_size))
     cores_per_rank = max(1, cores // world)
     max_workers = args.max_workers or cores_per_rank
     items = args.items or DEFAULT_ITEMS[args.workload]
     run_ranks(args.world_size, "gloo", _rank_body, args.workload, items, max_workers,
-              args.repeat, cores_per_rank)
+              args.repeat, args.seconds, cores_per_rank)
 
 
 if __name__ == "__main__":

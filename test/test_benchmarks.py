@@ -21,12 +21,14 @@ def test_benchmarks_smoke():
 def test_demo_both_workloads_two_ranks():
     # The demo raises SystemExit on any rank whose parallel results differ from
     # its serial loop's; two ranks, so the all_reduce pairs items across ranks.
-    for workload, lines in (("loss", 2), ("seed", 2)):
+    # The loss demo runs its timed rounds (rank 0 decides when to stop, so
+    # with --seconds 0 both ranks must agree on the minimum of 3 rounds).
+    for workload, rounds, stop in (("loss", 3, ["--seconds", "0"]), ("seed", 2, ["--repeat", "2"])):
         out = subprocess.run([sys.executable, "demo.py", "--workload", workload,
-                              "--world-size", "2", "--max-workers", "2", "--items", "4",
-                              "--repeat", "2"],
+                              "--world-size", "2", "--max-workers", "2", "--items", "4", *stop],
                              cwd=BENCHMARKS, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         rows = [line for line in out.stdout.splitlines() if line.lstrip().startswith(("0 ", "1 "))]
-        assert len(rows) == lines, out.stdout
+        assert len(rows) == 2, out.stdout
+        assert f"{rounds} rounds" in out.stdout, out.stdout
         assert "results equal the serial loop's" in out.stdout, out.stdout
