@@ -65,8 +65,9 @@ class _PurePythonThreads:
     """Private pure Python on ``workers`` raw threads against the same work on one.
 
     What threads can give on this machine at this moment, measured in the same
-    rounds as the demo's loops: two threads of pure Python reach 1.6-1.8x on a
-    2-core virtual machine whose cores change speed from second to second.
+    rounds as the demo's loops: on the 2-core virtual machine this was written
+    on, whose cores change speed from second to second, two threads reached
+    1.4-1.9x in five demo runs of 20 s each.
     """
 
     _STEPS = 150_000  # about 10 ms on this machine
