@@ -21,6 +21,7 @@ from torch.distributed.threading import parallel_map
 
 from fake_collectives import IssueLog, fake_collective
 from ranks import run_ranks
+from signals import ctrl_c_raises
 
 PG_TIMEOUT_S = 3.0
 
@@ -107,7 +108,8 @@ def ctrl_c(rank, world):
 
     start = time.monotonic()
     try:
-        parallel_map(item, range(4), max_workers=4)
+        with ctrl_c_raises():
+            parallel_map(item, range(4), max_workers=4)
     except KeyboardInterrupt:
         interrupted_after = time.monotonic() - start
     leftover = [t.name for t in threading.enumerate() if t.name.startswith("parallel_map")]

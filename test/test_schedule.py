@@ -39,6 +39,7 @@ from fake_collectives import (
     fake_object_collective,
     reference_schedule,
 )
+from signals import ctrl_c_raises
 
 
 def worker_threads() -> list[threading.Thread]:
@@ -274,7 +275,7 @@ def test_ctrl_c_while_a_worker_holds_the_turn():
         outcomes[i] = "issued"
 
     start = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
+    with ctrl_c_raises(), pytest.raises(KeyboardInterrupt):
         parallel_map(item, range(3), max_workers=3)
     assert time.monotonic() - start < 5
     assert outcomes == {0: "issued", 1: "issued", 2: "CancelledError"}
@@ -669,7 +670,7 @@ def test_ctrl_c_on_coordinator_releases_waiting_workers():
         return i
 
     start = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
+    with ctrl_c_raises(), pytest.raises(KeyboardInterrupt):
         parallel_map(item, range(3), max_workers=3)
     assert time.monotonic() - start < 5
     assert cancelled == ["CancelledError", "CancelledError"]
@@ -874,7 +875,7 @@ def test_second_ctrl_c_during_cleanup_leaves_no_thread(monkeypatch):
         fake_collective(log, i)  # cancelled
         return i
 
-    with pytest.raises(KeyboardInterrupt):
+    with ctrl_c_raises(), pytest.raises(KeyboardInterrupt):
         parallel_map(item, range(3), max_workers=3)
     assert _wait_for_no_workers(timeout=5), "a second Ctrl-C leaked the worker threads"
     assert parallel_map(str, range(3), max_workers=2) == ["0", "1", "2"]
