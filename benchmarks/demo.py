@@ -153,23 +153,25 @@ def _rank_body(workload: str, items: int, max_workers: int, repeat: int | None,
     # over rounds of each round's own ratio: this virtual machine's speed of one
     # busy thread changes by up to 2x within seconds, which a ratio of medians
     # taken over a few seconds turns into a different answer on every run.
-    for _ in _rounds(repeat, seconds):
-        pure_python_ratios.append(pure_python.ratio())
-        # Most threads first: idle OpenMP threads spin for a while after a
-        # parallel region, which should not land on a loop that runs threads.
-        for n in reversed(thread_counts):
-            torch.set_num_threads(n)
+    try:
+        for _ in _rounds(repeat, seconds):
+            pure_python_ratios.append(pure_python.ratio())
+            # Most threads first: idle OpenMP threads spin for a while after a
+            # parallel region, which should not land on a loop that runs threads.
+            for n in reversed(thread_counts):
+                torch.set_num_threads(n)
+                t0 = time.perf_counter()
+                list(map(fn, *lists))
+                serial_times[n].append(time.perf_counter() - t0)
+            torch.set_num_threads(cores_per_rank)
             t0 = time.perf_counter()
-            list(map(fn, *lists))
-            serial_times[n].append(time.perf_counter() - t0)
-        torch.set_num_threads(cores_per_rank)
-        t0 = time.perf_counter()
-        parallel = parallel_map(fn, *lists, max_workers=max_workers)
-        parallel_times.append(time.perf_counter() - t0)
-        if parallel != expected:
-            raise SystemExit(f"rank {rank}: parallel_map results {parallel} differ from "
-                             f"the serial loop's {expected}")
-    pure_python.close()
+            parallel = parallel_map(fn, *lists, max_workers=max_workers)
+            parallel_times.append(time.perf_counter() - t0)
+            if parallel != expected:
+                raise SystemExit(f"rank {rank}: parallel_map results {parallel} differ from "
+                                 f"the serial loop's {expected}")
+    finally:
+        pure_python.close()
     best = min(thread_counts, key=lambda n: statistics.median(serial_times[n]))
     ratios = [s / p for s, p in zip(serial_times[best], parallel_times, strict=True)]
     outcomes: list[Any] = [None] * dist.get_world_size()
@@ -217,6 +219,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=None,
                         help="a fixed number of rounds instead of --seconds")
     args = parser.parse_args()
+    if args.repeat is not None and args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
+    if args.seconds < 0:
+        parser.error(f"--seconds must not be negative, got {args.seconds}")
     world = int(os.environ.get("WORLD_SIZE", args.world_size))
     cores_per_rank = max(1, cores // world)
     max_workers = args.max_workers or cores_per_rank

@@ -32,3 +32,12 @@ def test_demo_both_workloads_two_ranks():
         assert len(rows) == 2, out.stdout
         assert f"{rounds} rounds" in out.stdout, out.stdout
         assert "results equal the serial loop's" in out.stdout, out.stdout
+
+
+def test_demo_refuses_an_empty_measurement():
+    for bad, message in ((["--repeat", "0"], "--repeat must be at least 1"),
+                         (["--seconds", "-1"], "--seconds must not be negative")):
+        out = subprocess.run([sys.executable, "demo.py", *bad], cwd=BENCHMARKS,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert message in out.stderr, out.stderr
