@@ -142,7 +142,9 @@ def _rank_body(workload: str, items: int, max_workers: int, repeat: int | None,
     thread_counts = sorted({cores_per_rank, worker_threads})
     serial_times: dict[int, list[float]] = {n: [] for n in thread_counts}
     parallel_times: list[float] = []
-    pure_python = _PurePythonThreads(max_workers)
+    # As many pure-Python threads as the rank has cores (or workers, if
+    # fewer): more would only lengthen each round.
+    pure_python = _PurePythonThreads(min(max_workers, cores_per_rank))
     pure_python_ratios: list[float] = []
     for n in thread_counts:  # warm-up
         torch.set_num_threads(n)
@@ -192,8 +194,8 @@ def _rank_body(workload: str, items: int, max_workers: int, repeat: int | None,
         used = sorted({n for _, n, *_ in outcomes})
         print("times: medians over rounds; speedup: the median of each round's serial / "
               "parallel_map, and the middle half of those ratios")
-        print(f"pure-Python threads: {max_workers} raw threads of private pure Python against "
-              "one, in the same rounds: what threads give on this machine now")
+        print(f"pure-Python threads: {min(max_workers, cores_per_rank)} raw threads of private "
+              "pure Python against one, in the same rounds: what threads give on this machine now")
         print(f"serial: the faster of the loop with {' and '.join(map(str, thread_counts))} "
               f"intra-op thread(s) (here {' / '.join(map(str, used))}); parallel_map: "
               f"{worker_threads} per worker")
@@ -215,7 +217,7 @@ def main() -> None:
     parser.add_argument("--max-workers", type=int, default=None,
                         help="default: cores per rank")
     parser.add_argument("--seconds", type=float, default=20.0,
-                        help=f"how long to run rounds (default 20; at least {_MIN_ROUNDS})")
+                        help=f"how long to run rounds (default 20; at least {_MIN_ROUNDS} rounds)")
     parser.add_argument("--repeat", type=int, default=None,
                         help="a fixed number of rounds instead of --seconds")
     args = parser.parse_args()

@@ -25,7 +25,8 @@ host_site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"]
 
 tar -C / -xJf "$py_tar"
 # (grep reads the whole listing: stopping early would kill tar and, with pipefail, us)
-py=/$(tar -tJf "$py_tar" | grep -E 'bin/python3\.14t$' | sort | tail -n 1)
+py=/$(tar -tJf "$py_tar" | grep -E 'bin/python3\.14t$' | sort | tail -n 1) \
+    || { echo "error: no bin/python3.14t in $py_tar" >&2; exit 1; }
 rm -rf "$site" && mkdir -p "$site"
 if [[ $wheel == *.whl ]]; then
     python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "$wheel" "$site"

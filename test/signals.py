@@ -20,4 +20,6 @@ def ctrl_c_raises() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        # None: the handler was installed from C, which Python cannot put back.
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
