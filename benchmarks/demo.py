@@ -103,16 +103,15 @@ def _rounds(repeat: int | None, seconds: float) -> Iterator[int]:
     Every rank must run the same rounds (each loop issues collectives), so in
     the timed case rank 0 decides and broadcasts, outside the timed loops.
     """
+    if repeat is not None:
+        yield from range(repeat)
+        return
     start = time.monotonic()
     for n in itertools.count():
-        if repeat is not None:
-            if n == repeat:
-                return
-        else:
-            go = torch.tensor([int(n < _MIN_ROUNDS or time.monotonic() - start < seconds)])
-            dist.broadcast(go, src=0)
-            if not go.item():
-                return
+        go = torch.tensor([int(n < _MIN_ROUNDS or time.monotonic() - start < seconds)])
+        dist.broadcast(go, src=0)
+        if not go.item():
+            return
         yield n
 
 
