@@ -1,7 +1,7 @@
 """Pristine upstream files of each supported torch release, fetched and cached.
 
-Only the two files the change edits (and ``torch/version.py``) are needed, so
-they are read straight out of the release's wheel on the package index with
+Only the Python files the change edits (and ``torch/version.py``) are needed,
+so they are read straight out of the release's wheel on the package index with
 HTTP range requests (a zip keeps its directory at the end): a few hundred KB
 per release instead of a 500 MB download, and nothing is installed. They are
 cached under ``$TDT_CACHE/upstream/<version>/``.
@@ -30,6 +30,7 @@ RELEASES = {
 FILES = (
     "torch/distributed/distributed_c10d.py",
     "torch/distributed/_functional_collectives.py",
+    "torch/_C/_autograd.pyi",
     "torch/version.py",
 )
 CACHE = Path(

@@ -12,6 +12,7 @@ import importlib.util
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,8 @@ import _upstream_files  # noqa: E402
 OVERLAY = [sys.executable, str(REPO / "scripts" / "overlay")]
 SERIES = [sys.executable, str(REPO / "scripts" / "series")]
 EDITED = ["torch/distributed/distributed_c10d.py", "torch/distributed/_functional_collectives.py"]
+# The series' C++ edits: no C++ source is at hand here, so git am leaves them out.
+CPP_EXCLUDES = ["--exclude=aten/*", "--exclude=torch/csrc/*"]
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
@@ -142,15 +145,17 @@ def test_series_applies_with_git_am_and_equals_the_overlay(tmp_path, pristine, s
     for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "v2.13.0 files"]):
         assert run([*git, *args], cwd=repo).returncode == 0
     patches = sorted(str(p) for p in (REPO / "patches/series").glob("*.patch"))
-    out = run([*git, "am", "--keep-non-patch", *patches], cwd=repo)
+    out = run([*git, "am", "--keep-non-patch", *CPP_EXCLUDES, *patches], cwd=repo)
     assert out.returncode == 0, out.stdout + out.stderr
     subjects = run(["git", "log", "--format=%s", "--reverse"], cwd=repo).stdout.splitlines()
     assert subjects[1:] == [
         "[c10d] Add a per-thread hook in front of every collective entry point",
+        "[autograd] Let Python number autograd nodes and carry thread-local state to another "
+        "thread",
         "[c10d] Add torch.distributed.threading.parallel_map",
         "[docs] Document torch.distributed.threading",
     ]
-    for path in EDITED:
+    for path in [*EDITED, "torch/_C/_autograd.pyi"]:
         assert (repo / path).read_bytes() == (site / path).read_bytes(), path
     for path in (REPO / "torch_overlay").rglob("*"):
         if path.is_file() and "__pycache__" not in path.parts:
@@ -164,3 +169,48 @@ def test_installed_torch_has_the_overlay():
     assert spec is not None and spec.submodule_search_locations
     out = run([*OVERLAY, "status", "--python", sys.executable])
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_installed_shim_gives_torch_the_series_bindings():
+    # The environment the tests run in: torch/__init__.py loads the shim,
+    # which attaches what the C++ patch binds; the sequence number it sets
+    # is the one autograd reads.
+    code = (
+        "import torch\n"
+        "from torch._C._autograd import _get_sequence_nr, _set_sequence_nr, "
+        "_set_thread_local_state, _ThreadLocalState\n"
+        "_set_sequence_nr(1 << 40)\n"
+        "assert _get_sequence_nr() == 1 << 40\n"
+        "assert (torch.ones(1, requires_grad=True) * 2).grad_fn._sequence_nr() == 1 << 40\n"
+        "_set_thread_local_state(_ThreadLocalState())\n"
+    )
+    out = run([sys.executable, "-c", code])
+    assert out.returncode == 0, out.stderr
+
+
+def test_the_cpp_patch_compiles_against_the_wheels_headers(tmp_path):
+    # The lines the series adds to C++ sources, compiled (syntax and types
+    # only) with the headers of the torch this interpreter runs: a v2.13.0
+    # source tree is not at hand, so this is the check they get here.
+    added = {
+        path: [line[1:] for line in (REPO / "patches/cpp" / f"{path}.diff").read_text().splitlines()
+               if line.startswith("+") and not line.startswith("+++")]
+        for path in ("aten/src/ATen/SequenceNumber.h", "torch/csrc/autograd/init.cpp")
+    }
+    declaration = "\n".join(line for line in added["aten/src/ATen/SequenceNumber.h"]
+                            if not line.lstrip().startswith("//"))
+    bindings = "\n".join(line for line in added["torch/csrc/autograd/init.cpp"]
+                         if not line.startswith("#include"))
+    source = tmp_path / "bindings.cpp"
+    source.write_text(
+        "#include <torch/csrc/utils/pybind.h>\n#include <ATen/SequenceNumber.h>\n"
+        + "\n".join(line for line in added["torch/csrc/autograd/init.cpp"]
+                    if line.startswith("#include"))
+        + f"\nnamespace at::sequence_number {{\n{declaration}\n}}\n"
+        + f"void bind(pybind11::module& m) {{\n{bindings}\n}}\n"
+    )
+    torch_dir = Path(importlib.util.find_spec("torch").submodule_search_locations[0])
+    out = run(["g++", "-fsyntax-only", "-std=c++20", "-w",
+               f"-I{sysconfig.get_paths()['include']}", f"-I{torch_dir / 'include'}",
+               f"-I{torch_dir / 'include/torch/csrc/api/include'}", str(source)])
+    assert out.returncode == 0, source.read_text() + out.stderr[-3000:]
