@@ -44,5 +44,23 @@ def test_trace_shows_items_waits_and_issues_per_thread():
     assert len(coordinator) == 1 and not coordinator & item_threads  # so does the coordinator
 
 
+def test_items_are_recorded_by_the_callers_profiler():
+    # Items run under the caller's profiler state, as the loop's body would:
+    # a plain profile started on the calling thread records their spans and
+    # ops on the worker threads, without profile_all_threads.
+    def item(i: int) -> torch.Tensor:
+        return torch.ones(4).mul(i)
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.ones(1).sub(1)  # on the calling thread
+        parallel_map(item, range(4), max_workers=2)
+    events = [(e.name, e.thread) for e in prof.events()]
+    items = sorted(name for name, _ in events if name.startswith("parallel_map item"))
+    assert items == [f"parallel_map item {i}" for i in range(4)]
+    caller = {thread for name, thread in events if name == "aten::sub"}
+    muls = [thread for name, thread in events if name == "aten::mul"]
+    assert len(muls) == 4 and len(caller) == 1 and not caller & set(muls)
+
+
 def test_no_span_without_a_profiler():
     assert _profiling.span("item", 0) is _profiling.span("issue", 1)  # the shared no-op

@@ -1161,11 +1161,10 @@ def test_only_torchs_own_calls_on_plain_tensors_may_be_issued_for_another_item()
     from torch.distributed.threading._calls import (
         ASYNC_THEN_WAIT, Call, call_functional_op, issue_runs_torch_only,
     )
-    from torch.distributed.threading._caller_state import ItemModes
+    from torch.distributed.threading._thread_state import CallState
 
-    def call(fn, modes=None, **kwargs):
-        return Call(fn, kwargs, ASYNC_THEN_WAIT, 0, 0, None,
-                    ItemModes.capture() if modes is None else modes)
+    def call(fn, **kwargs):
+        return Call(fn, kwargs, ASYNC_THEN_WAIT, 0, 0, None, CallState.capture())
 
     plain, sub = torch.zeros(1), torch.zeros(1).as_subclass(_Subclass)
     assert issue_runs_torch_only(call(dist.all_reduce, tensor=plain))
@@ -1178,6 +1177,9 @@ def test_only_torchs_own_calls_on_plain_tensors_may_be_issued_for_another_item()
         call(call_functional_op, op=op, args=(sub, "sum", "0"), kwargs={})
     )
     with TorchDispatchMode():
+        assert not issue_runs_torch_only(call(dist.all_reduce, tensor=plain))
+    # A pack hook is user code that the issue may run.
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         assert not issue_runs_torch_only(call(dist.all_reduce, tensor=plain))
     assert not issue_runs_torch_only(call(fake_collective, log=IssueLog(), tag=0))
 
@@ -1211,7 +1213,7 @@ def test_a_stop_while_a_served_worker_runs_on_still_reaches_it():
     from torch.distributed.threading._calls import ASYNC_THEN_WAIT, Call
 
     turns = _coordinator._Turns()
-    holder_run, served_run = _coordinator._ItemRun(0, 0), _coordinator._ItemRun(1, 1)
+    holder_run, served_run = _coordinator._ItemRun(0, 0, None), _coordinator._ItemRun(1, 1, None)
     turns.slots, turns.holder = [holder_run, served_run], _coordinator._WORKER
 
     class Feeder:

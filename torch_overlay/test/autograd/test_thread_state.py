@@ -20,7 +20,7 @@ def _on_thread(fn):
     def target():
         try:
             out["value"] = fn()
-        except BaseException as error:  # noqa: B036 - re-raised on the caller
+        except BaseException as error:  # re-raised on the caller
             out["error"] = error
 
     thread = threading.Thread(target=target)

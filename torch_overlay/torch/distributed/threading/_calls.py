@@ -27,9 +27,13 @@ import torch
 import torch.distributed.distributed_c10d as c10d
 from torch.distributed.distributed_c10d import _collective_hook
 
+from ._thread_state import Issuing, user_code_may_run
+
 
 if TYPE_CHECKING:
-    from ._caller_state import ItemModes
+    import contextvars
+
+    from ._thread_state import CallState
 
 
 __all__: list[str] = []
@@ -159,14 +163,16 @@ TORCH_ONLY_ENTRY_POINTS: set[Callable[..., Any]] = set()
 def issue_runs_torch_only(call: Call) -> bool:
     """Whether issuing ``call`` runs no code but torch's own, so that any thread may.
 
+    Asked on the calling item's worker, at the call.
+
     True for a torch.distributed entry point (or a functional collective op)
     called on plain tensors with no ``__torch_function__`` or
-    ``__torch_dispatch__`` mode active: no user code (a mode, a tensor
-    subclass) runs on its issue path that could need something held by the
-    thread that issues it. CUDA tensors must be on the device of the call's
-    stream, the only CUDA state that the issue takes from its item. A
-    backend written in Python is assumed not to wait for locks that items
-    hold around their collectives.
+    ``__torch_dispatch__`` mode and no saved-tensor hooks active: no user code
+    (a mode, a tensor subclass, a pack hook) runs on its issue path that could
+    need something held by the thread that issues it. CUDA tensors must be on
+    the device of the call's stream, the only CUDA state that the issue takes
+    from its item. A backend written in Python is assumed not to wait for
+    locks that items hold around their collectives.
     """
     fn = call.fn
     if not (
@@ -175,8 +181,7 @@ def issue_runs_torch_only(call: Call) -> bool:
         or fn in TORCH_ONLY_ENTRY_POINTS
     ):
         return False
-    modes = call.modes
-    if modes is not None and (modes.function_modes or modes.dispatch_modes):
+    if user_code_may_run():
         return False
     stream = call.cuda_stream
     return _only_plain_tensors(call.kwargs, None if stream is None else stream.device)
@@ -192,11 +197,16 @@ class Call:
     item: int
     seq: int
     cuda_stream: torch.cuda.Stream | None
-    # The item's grad/inference mode and mode stacks at the call.
-    modes: ItemModes | None = None
+    # The item's thread-local state and sequence number at the call.
+    state: CallState | None = None
+    # A copy of the item's context, for a call that runs user code elsewhere
+    # (a ``coordinated`` function), whose changes go back to the item.
+    context: contextvars.Context | None = None
     # Whether a worker holding the turn may issue it for its item's worker
     # (see ``issue_runs_torch_only``).
     servable: bool = False
+    # Set by ``issue``: the item's next autograd sequence number after it.
+    sequence_nr_after: int | None = None
 
     @property
     def name(self) -> str:
@@ -206,14 +216,23 @@ class Call:
         return f"{self.name} (item {self.item}, call {self.seq})"
 
     def issue(self) -> Any:
-        """Issue on this thread (the coordinating thread, or a worker holding
-        the turn for this call), on the calling worker's CUDA stream, under
-        the calling item's modes."""
-        modes = self.modes
-        if modes is not None and not modes.are_this_threads():
-            with modes.applied():
-                return self._issue_on_stream()
-        return self._issue_on_stream()
+        """Issue on this thread for the item's worker (this thread is the
+        coordinating thread, or a worker holding the turn): on the worker's
+        CUDA stream, under the item's state and sequence number, in a copy of
+        its context if it has one. ``sequence_nr_after`` is the item's next
+        number afterwards."""
+        if self.state is None:
+            return self._issue_in_context()
+        issuing = Issuing(self.state)
+        try:
+            return self._issue_in_context()
+        finally:
+            self.sequence_nr_after = issuing.restore()
+
+    def _issue_in_context(self) -> Any:
+        if self.context is None:
+            return self._issue_on_stream()
+        return self.context.run(self._issue_on_stream)
 
     def _issue_on_stream(self) -> Any:
         if self.cuda_stream is None:

@@ -3,11 +3,12 @@
 With ``coalesce_all_reduces``, the schedule holds back the synchronous
 ``all_reduce`` calls of small dense tensors that it meets during one visit
 of the slots, and issues those that can share one collective (same group,
-op, dtype, device, CUDA stream and mode stacks) as a single ``all_reduce`` of their
-concatenation. Each worker then waits for that collective and copies its
-part back into its own tensor, so its ``all_reduce`` returns as it would
-have. When to hold and when to issue depends only on the schedule, so every
-rank coalesces the same calls.
+op, dtype, device, CUDA stream and mode stacks) as a single ``all_reduce``
+of their concatenation; what c10d refuses (a conjugate view, say) goes
+alone, so that each such call raises as it does serially. Each worker then
+waits for that collective and copies its part back into its own tensor, so
+its ``all_reduce`` returns as it would have. When to hold and when to issue
+depends only on the schedule, so every rank coalesces the same calls.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.distributed.distributed_c10d as c10d
 from torch.distributed.distributed_c10d import ReduceOp
 
 from ._calls import ASYNC_THEN_WAIT
+from ._thread_state import Issuing
 
 
 if TYPE_CHECKING:
@@ -48,6 +50,9 @@ def coalescing_key(call: Call) -> tuple[Any, ...] | None:
         or tensor.layout != torch.strided
         or not tensor.is_contiguous()
         or tensor.is_inference()
+        or tensor.is_conj()  # c10d refuses these; a concatenation would resolve them
+        or tensor.is_neg()
+        or torch._C._functorch.is_functorch_wrapped_tensor(tensor)
     ):
         return None
     if tensor.numel() * tensor.element_size() > MAX_BYTES:
@@ -58,10 +63,10 @@ def coalescing_key(call: Call) -> tuple[Any, ...] | None:
     # The stream only matters on CUDA; a CPU call's recorded stream depends on
     # whether any thread has initialized CUDA yet, which is timing.
     stream = call.cuda_stream if tensor.is_cuda else None
-    # The collective goes out under the first call's mode stacks: they must agree.
+    # The collective goes out under the first call's state: its modes must agree.
     modes: tuple[int, ...] = ()
-    if call.modes is not None:
-        modes = tuple(map(id, (*call.modes.function_modes, *call.modes.dispatch_modes)))
+    if call.state is not None:
+        modes = tuple(map(id, call.state.modes))
     return (call.kwargs["group"], op, tensor.dtype, tensor.device, stream, modes)
 
 
@@ -75,13 +80,15 @@ def issue_coalesced(calls: list[Call]) -> list[Any]:
     tensors = [call.kwargs["tensor"] for call in calls]
     stream = first.cuda_stream if tensors[0].is_cuda else None
     on_stream = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-    modes: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
-    if first.modes is not None and not first.modes.are_this_threads():
-        modes = first.modes.applied()
-    with modes, torch.no_grad(), on_stream:
-        flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
-        work = c10d.all_reduce(flat, op=first.kwargs["op"], group=first.kwargs["group"],
-                               async_op=True)
+    issuing = None if first.state is None else Issuing(first.state)
+    try:
+        with torch.no_grad(), on_stream:
+            flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
+            work = c10d.all_reduce(flat, op=first.kwargs["op"], group=first.kwargs["group"],
+                                   async_op=True)
+    finally:
+        if issuing is not None:
+            issuing.restore()  # under no_grad: no autograd node to number
     if work is None:  # this rank is not in the group: nothing to reduce
         return [None] * len(calls)
     shared = _WaitOnce(work)

@@ -70,6 +70,13 @@ issues nothing more, and a call posted from then on raises
 turn at that moment finds the turn stopped and raises ``CancelledError``
 without issuing, and a call that the holder took to issue gets its reply.
 
+Whoever issues a call for an item other than its own does so under that
+item's thread-local state and autograd sequence number, and hands the next
+number back with the reply (``Call.issue``, ``_thread_state``), so the
+issue behaves, and numbers its autograd nodes, as on the item's thread.
+A call's state is captured only when it is left for another thread
+(``_NEEDS_STATE``): a worker that takes the turn issues it itself.
+
 Items, waits for a turn and issues are spans in a ``torch.profiler`` trace
 (see ``_profiling``).
 
@@ -99,6 +106,7 @@ fail, workers take no item beyond those with a slot.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import logging
 import queue
@@ -114,11 +122,17 @@ import torch.distributed.distributed_c10d as c10d
 from torch.distributed.distributed_c10d import _collective_hook
 
 from ._bypass import coalescing_manager_error, CollectiveBypassError
-from ._caller_state import ItemModes
-from ._calls import Call, cuda_is_initialized, issue_runs_torch_only, plan_for
+from ._calls import (
+    Call,
+    call_coordinated,
+    cuda_is_initialized,
+    issue_runs_torch_only,
+    plan_for,
+)
 from ._coalescing import coalescing_key, issue_coalesced
 from ._pool import pool
 from ._profiling import span
+from ._thread_state import CallState, Numbering, set_sequence_nr
 
 
 if TYPE_CHECKING:
@@ -128,6 +142,7 @@ if TYPE_CHECKING:
     from ._caller_state import CallerState
     from ._pool import PooledThread
     from ._schedule_check import ScheduleCheck
+    from ._thread_state import ItemNumbers
 
 
 __all__: list[str] = []
@@ -200,9 +215,10 @@ class _ItemRun:
     ``_STOP`` never overtakes a reply the worker waits for.
     """
 
-    def __init__(self, index: int, item: Any) -> None:
+    def __init__(self, index: int, item: Any, numbers: ItemNumbers) -> None:
         self.index = index
         self.item = item
+        self.numbers = numbers  # its autograd sequence numbers
         self.replies: queue.SimpleQueue[_Reply | object] = queue.SimpleQueue()
         # Under _Turns.lock:
         self.pending: Call | _Finished | None = None
@@ -227,6 +243,8 @@ _NOBODY = "nobody"
 _POSTED = "posted"  # left for whoever holds the turn
 _TAKEN = "taken"  # the caller holds the turn now: it issues its call itself
 _STOPPED = "stopped"  # the schedule has stopped: the call is not issued
+# The call would be left for another thread: capture its item's state, post again.
+_NEEDS_STATE = "needs state"
 
 
 class _Turns:
@@ -275,17 +293,25 @@ class _Turns:
         self.issued += 1
 
     def post(self, run: _ItemRun, event: Call | _Finished, passable: bool) -> str:
-        """A worker posts its item's next event; see ``_POSTED``, ``_TAKEN``, ``_STOPPED``."""
+        """A worker posts its item's next event; see ``_POSTED``, ``_TAKEN``,
+        ``_STOPPED`` and ``_NEEDS_STATE``.
+
+        A call is posted without its item's state (``Call.state``, costly to
+        capture) in case its worker takes the turn and issues it itself; one
+        that would be left for another thread is refused until it has it.
+        """
         with self.lock:
             if self.stopped and isinstance(event, Call):
                 return _STOPPED
-            if self.holder is not _NOBODY or self.slots[self.position] is not run:
-                run.pending, run.pending_passable = event, passable
-                return _POSTED
-            if passable and self.passing:
+            at_position = self.holder is _NOBODY and self.slots[self.position] is run
+            if at_position and passable and self.passing:
                 self.holder = _WORKER
                 return _TAKEN
+            if isinstance(event, Call) and event.state is None:
+                return _NEEDS_STATE
             run.pending, run.pending_passable = event, passable
+            if not at_position:
+                return _POSTED
             self.holder = _COORDINATOR
         self._wake.put(None)
         return _POSTED
@@ -346,12 +372,15 @@ class _Feeder:
     the iterable itself calls is issued at the same point on every rank.
     Workers take pulled items (``take``) and wait while there is none. The
     iterable may issue collectives itself, so each pull is a window of the
-    bypass detector, as an issue is.
+    bypass detector, as an issue is. What it builds with autograd is numbered
+    just before the item it yields (see ``_thread_state.Numbering``).
     """
 
-    def __init__(self, items: Iterator[Any], detector: BypassDetector | None) -> None:
+    def __init__(self, items: Iterator[Any], detector: BypassDetector | None,
+                 numbering: Numbering) -> None:
         self._items = items
         self._detector = detector
+        self._numbering = numbering
         self._ready = threading.Condition(threading.Lock())
         self._runs: list[_ItemRun] = []
         self._next_for_worker = 0
@@ -376,8 +405,11 @@ class _Feeder:
             return None
         if self._detector is not None:
             self._detector.before_iterable()
+        pulled = False
         try:
+            self._numbering.before_pull()
             item = next(self._items)
+            pulled = True
         except StopIteration:
             self._end()
             return None
@@ -386,9 +418,11 @@ class _Feeder:
             self._end()
             return None
         finally:
+            numbers = self._numbering.after_pull(pulled)
             if self._detector is not None:
                 self._detector.after_iterable()
-        run = _ItemRun(len(self._runs), item)
+        assert numbers is not None
+        run = _ItemRun(len(self._runs), item, numbers)
         with self._ready:
             self._runs.append(run)
             self._ready.notify()
@@ -444,6 +478,20 @@ def _clear_to_issue(detector: BypassDetector | None) -> bool:
         return detector.clear_to_issue()
     except Exception:  # the coordinator's own check raises it
         return False
+
+
+def _take_back(call: Call) -> None:
+    """On the item's worker, after another thread issued ``call`` for it: go
+    on from the sequence number and the context changes the issue left."""
+    if call.sequence_nr_after is not None:
+        set_sequence_nr(call.sequence_nr_after)
+    if call.context is not None:
+        for var, value in call.context.items():
+            if var.get(_UNSET) is not value:
+                var.set(value)
+
+
+_UNSET = object()
 
 
 class _ThisWorker(threading.local):
@@ -530,8 +578,8 @@ class _Worker:
             while (run := self._feeder.take()) is not None:
                 self._run = run
                 try:
-                    with span("item", run.index):
-                        result = self._state.run(self._fn, run.item, own_stream, index=run.index)
+                    result = self._state.run(self._fn, run.item, own_stream,
+                                             index=run.index, numbers=run.numbers)
                 except BaseException as error:  # the coordinator owns every error
                     self._turns.post(run, _Finished(error=error), passable=False)
                 else:
@@ -551,7 +599,10 @@ class _Worker:
             raise CancelledError("parallel_map is stopping; this collective was not issued")
         plan = plan_for(fn, kwargs)
         stream = torch.cuda.current_stream() if cuda_is_initialized() else None
-        call = Call(fn, kwargs, plan, run.index, run.calls, stream, ItemModes.capture())
+        # The item's state goes with the call, for whichever thread issues it;
+        # a coordinated function, user code, runs in a copy of its context too.
+        context = contextvars.copy_context() if fn is call_coordinated else None
+        call = Call(fn, kwargs, plan, run.index, run.calls, stream, None, context)
         # A call the coordinator would hold back must reach it.
         passable = plan.worker_may_issue and not (
             self._coalesce and coalescing_key(call) is not None
@@ -561,11 +612,15 @@ class _Worker:
         self.waiting_on, self.waiting_for_issue = call, True
         try:
             posted = self._turns.post(run, call, passable)
+            if posted is _NEEDS_STATE:
+                call.state = CallState.capture()
+                posted = self._turns.post(run, call, passable)
             if posted is _TAKEN:
                 if _clear_to_issue(self._detector):
                     self.waiting_for_issue = False
                     return self._issue_at_turn(call)
                 # The coordinator gets the call, and raises what the detector saw.
+                call.state = call.state or CallState.capture()
                 self._turns.hand_back(run, call)
             elif posted is _STOPPED:
                 run.stopping = True
@@ -583,6 +638,7 @@ class _Worker:
                 run.stopping = True
                 raise CancelledError("parallel_map is stopping; this collective was not issued")
             assert isinstance(reply, _Reply)
+            _take_back(call)
             if reply.error is not None:
                 raise reply.error
             return plan.finish(reply.value, kwargs)
@@ -739,7 +795,8 @@ class Schedule:
         detector: BypassDetector | None = None,
         coalesce: bool = False,
     ) -> None:
-        self._feeder = _Feeder(items, detector)
+        self._numbering = Numbering()
+        self._feeder = _Feeder(items, detector, self._numbering)
         self._report_hang_after = report_hang_after
         self._check = check
         self._detector = detector
@@ -776,6 +833,7 @@ class Schedule:
             raise
         finally:
             self._shut_down(threads, clean)
+            self._numbering.finish()
         if self._detector is not None:
             try:
                 self._detector.at_end()

@@ -18,6 +18,7 @@ from ._caller_state import CallerState
 from ._calls import call_coordinated
 from ._coordinator import Schedule
 from ._schedule_check import _check_groups, ScheduleCheck
+from ._thread_state import refuse_order_dependent_hooks
 
 
 if TYPE_CHECKING:
@@ -305,7 +306,8 @@ def parallel_map(
         if max_workers == 1 and check is None:
             # Nothing to overlap: run on the caller, as the loop would.
             state = CallerState.capture(caller_threads)
-            return [state.run(fn, item, index=index) for index, item in enumerate(items)]
+            return [state.run_inline(fn, item, index) for index, item in enumerate(items)]
+        refuse_order_dependent_hooks()
         state = CallerState.capture(intra_op_threads, stream_per_worker)
         # The outer call's detector sees what a nested call issues.
         detector = None if nested else make_detector(exclude=_check_groups.values())

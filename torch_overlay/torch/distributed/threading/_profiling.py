@@ -12,8 +12,10 @@ does there, as ``record_function`` spans:
   turn: the calling worker, or the one before it issuing it for that item).
 
 A worker waiting for an issued collective to complete is inside the
-collective itself, which the profiler already records. The profiler records
-Python threads other than the one that started it only when asked to:
+collective itself, which the profiler already records. Items run under the
+caller's profiler state (see ``_thread_state``), so a profiler started on the
+calling thread records them, with their ops, as it would the loop's body;
+what a worker does outside an item is recorded only with
 ``torch.profiler.profile(experimental_config=torch._C._profiler.
 _ExperimentalConfig(profile_all_threads=True))``. With no profiler
 active, :func:`span` is one read of the flag ``torch.profiler`` sets when a
