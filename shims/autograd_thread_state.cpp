@@ -133,10 +133,11 @@ uint64_t* this_threads_counter() {
     return nullptr;
   }
   at::sequence_number::get_and_increment();
-  const bool moved = *candidate == before + 1 &&
-      at::sequence_number::peek() == before + 1;
+  if (*candidate != before + 1 || at::sequence_number::peek() != before + 1) {
+    return nullptr; // not the counter: never written (the counter stays one up)
+  }
   *candidate = before;
-  if (!moved || at::sequence_number::peek() != before) {
+  if (at::sequence_number::peek() != before) {
     return nullptr;
   }
   counter = candidate;

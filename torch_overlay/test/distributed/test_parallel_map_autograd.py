@@ -228,6 +228,35 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
                 self._visits(lambda f, xs: parallel_map(f, xs, max_workers=3), 2), serial
             )
 
+    def test_calls_nested_in_items_and_in_the_iterable_keep_the_loops_order(self):
+        # A parallel_map inside an item, or inside the iterable's next(), runs
+        # within the range of numbers of that item (or of the item next()
+        # yields): the backward still visits everything in the loop's order.
+        self._init()
+
+        def run(map_fn):
+            visits = []
+            leaves = self._leaves(3)
+
+            def inner(t, tag, factor):
+                return _Tag.apply(t * factor, tag, visits)
+
+            def items():
+                for i in range(3):
+                    parts = map_fn(lambda j, i=i: inner(leaves[i], ("pull", i, j), j + 1), range(2))
+                    yield i, _Tag.apply(sum(parts), ("pulled", i), visits)
+
+            def item(pulled):
+                i, t = pulled
+                parts = map_fn(lambda j: inner(t, ("nested", i, j), j + 2), range(3))
+                return _Tag.apply(sum(parts), ("item", i), visits)
+
+            sum(out.sum() for out in map_fn(item, items())).backward()
+            return visits, self._grads(leaves)
+
+        serial = run(lambda f, xs: [f(x) for x in xs])
+        self.assertEqual(run(lambda f, xs: parallel_map(f, xs, max_workers=2)), serial)
+
     def test_items_inherit_every_piece_of_the_callers_thread_state(self):
         # Every getter of per-thread state that torch has (found by name, so a
         # getter a later release adds is compared too), and the state the
@@ -400,13 +429,16 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
             seen[i] = ((a @ b).dtype, var.get(), item_generator().initial_seed(),
                        threading.get_ident())
             var.set(f"set by coordinated {i}")
+            torch.set_grad_enabled(False)  # as in the loop, the item goes on without grad
 
         def item(i):
             var.set(f"item {i}")
             a = torch.ones(2, 2)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 observe(i, a, a)
-            return var.get(), item_generator().initial_seed()
+            grad_after = torch.is_grad_enabled()
+            torch.set_grad_enabled(True)
+            return var.get(), item_generator().initial_seed(), grad_after
 
         results = parallel_map(item, range(4), max_workers=2)
         for i in range(4):
@@ -416,6 +448,8 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
             self.assertEqual(seed, results[i][1])
             self.assertEqual(thread, threading.get_ident())  # the coordinating thread
             self.assertEqual(results[i][0], f"set by coordinated {i}")
+            self.assertFalse(results[i][2])
+        self.assertTrue(torch.is_grad_enabled())  # the coordinating thread's own is back
 
     def test_functional_collective_in_vmap_and_grad_as_in_the_loop(self):
         self._init()
@@ -471,8 +505,27 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
                 _thread_state.set_sequence_nr(_thread_state.get_sequence_nr() + (1 << 32))
             return (torch.ones(1, requires_grad=True) * 2).sum()
 
-        with self.assertRaisesRegex(RuntimeError, "item 1 created more than 4294967296"):
+        with self.assertRaisesRegex(RuntimeError, "item 1 used more than its 4294967296"):
             parallel_map(item, range(3), max_workers=2)
+
+    def test_calls_that_build_no_graph_use_no_sequence_numbers(self):
+        # Ranges are reserved, numbers used: a call (or many nested calls)
+        # that creates no autograd node leaves the counter where it was, so
+        # neither a thread's lifetime nor an item's range runs out.
+        from torch.distributed.threading import _thread_state
+
+        self._init()
+
+        def item(i):
+            for _ in range(300):  # 1,200 nested items: more than a range divides into
+                parallel_map(lambda j: torch.ones(2) * j, range(4), max_workers=2)
+            return i
+
+        start = _thread_state.get_sequence_nr()
+        self.assertEqual(parallel_map(item, range(2), max_workers=2), [0, 1])
+        self.assertEqual(parallel_map(lambda i: torch.ones(1) * i, range(100), max_workers=2)[1],
+                         torch.ones(1))
+        self.assertEqual(_thread_state.get_sequence_nr(), start)
 
 
 # Getters of per-thread state, found by name in these namespaces; called

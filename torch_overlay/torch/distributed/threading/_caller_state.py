@@ -6,8 +6,9 @@ mode, autocast, mode stacks, saved-tensor hooks, functorch transforms and
 the rest of ``at::ThreadLocalState``), its depth of autocast regions, its
 CUDA device and stream, and a copy of its ``contextvars`` context; its
 autograd nodes are numbered in the loop's order (``_thread_state.Numbering``).
-The state a worker thread had before is back after each item, so nothing one
-item sets reaches the next.
+The worker's own ``ThreadState``, autocast depth and context are back after
+each item, so none of those reaches the next item; Python ``threading.local``
+values are not carried or reset.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch.utils._pytree import tree_leaves
 from ._calls import cuda_is_initialized
 from ._item_rng import call_place, enter_item as enter_item_place
 from ._profiling import span
-from ._thread_state import check_item_end, enter_item as enter_item_numbers, ThreadState
+from ._thread_state import ThreadState
 
 
 if TYPE_CHECKING:
@@ -129,18 +130,22 @@ class CallerState:
         # item enters does not clear autocast's (process-wide) cache of casts.
         for _ in range(self.autocast_nesting):
             torch.autocast_increment_nesting()
+        failed = True
         try:
             result = self.context.copy().run(self._run_item, fn, item, index, numbers)
-            check_item_end(index, numbers)
-            return result
+            failed = False
         finally:
-            for _ in range(self.autocast_nesting):
-                torch.autocast_decrement_nesting()
-            own.make_current()
+            try:
+                numbers.leave(index, failed)
+            finally:
+                for _ in range(self.autocast_nesting):
+                    torch.autocast_decrement_nesting()
+                own.make_current()
+        return result
 
     def _run_item(self, fn: Callable[[Any], Any], item: Any, index: int,
                   numbers: ItemNumbers) -> Any:
         enter_item_place(self.item_seed, self.item_path, index)  # in the item's own context
-        enter_item_numbers(numbers)
+        numbers.enter()
         with span("item", index):  # under the caller's profiler, as the loop's body
             return fn(item)

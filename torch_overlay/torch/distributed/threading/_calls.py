@@ -27,7 +27,7 @@ import torch
 import torch.distributed.distributed_c10d as c10d
 from torch.distributed.distributed_c10d import _collective_hook
 
-from ._thread_state import Issuing, user_code_may_run
+from ._thread_state import Issuing, ThreadState, user_code_may_run
 
 
 if TYPE_CHECKING:
@@ -205,8 +205,10 @@ class Call:
     # Whether a worker holding the turn may issue it for its item's worker
     # (see ``issue_runs_torch_only``).
     servable: bool = False
-    # Set by ``issue``: the item's next autograd sequence number after it.
+    # Set by ``issue``: the item's next autograd sequence number after it,
+    # and, for a call with a context, the item's state after it.
     sequence_nr_after: int | None = None
+    state_after: ThreadState | None = None
 
     @property
     def name(self) -> str:
@@ -220,13 +222,16 @@ class Call:
         coordinating thread, or a worker holding the turn): on the worker's
         CUDA stream, under the item's state and sequence number, in a copy of
         its context if it has one. ``sequence_nr_after`` is the item's next
-        number afterwards."""
+        number afterwards; with a context (user code), ``state_after`` is the
+        item's state as the call left it."""
         if self.state is None:
             return self._issue_in_context()
         issuing = Issuing(self.state)
         try:
             return self._issue_in_context()
         finally:
+            if self.context is not None:  # user code: what it set here goes back to the item
+                self.state_after = ThreadState.capture()
             self.sequence_nr_after = issuing.restore()
 
     def _issue_in_context(self) -> Any:

@@ -482,7 +482,10 @@ def _clear_to_issue(detector: BypassDetector | None) -> bool:
 
 def _take_back(call: Call) -> None:
     """On the item's worker, after another thread issued ``call`` for it: go
-    on from the sequence number and the context changes the issue left."""
+    on from the sequence number, and the state and context changes, that the
+    issue left."""
+    if call.state_after is not None:
+        call.state_after.make_current()
     if call.sequence_nr_after is not None:
         set_sequence_nr(call.sequence_nr_after)
     if call.context is not None:
@@ -832,8 +835,10 @@ class Schedule:
             self._add_item_errors(error)
             raise
         finally:
-            self._shut_down(threads, clean)
-            self._numbering.finish()
+            try:
+                self._shut_down(threads, clean)
+            finally:  # a second Ctrl-C may end the shutdown early
+                self._numbering.finish()
         if self._detector is not None:
             try:
                 self._detector.at_end()

@@ -28,12 +28,14 @@ item ``k`` the numbers from ``start + k * span`` on: the iterable's
 ``next()`` for item ``k`` runs there on the coordinating thread, the item
 continues where it ended on its worker, and a thread that issues a call for
 the item takes the item's number for the issue and hands the next one back.
-Afterwards the caller continues above every item's range, so any backward
-over what the items built visits their nodes in the loop's order, on every
-rank, whichever thread ran which item. A top-level call's items get
-``2**32`` numbers each; a call nested in an item divides that item's range
-(``span >> 10`` each). An item that uses more numbers than its range holds
-raises instead of overlapping the next item's.
+Afterwards the caller continues above every number the items used, so any
+backward over what the items built visits their nodes in the loop's order,
+on every rank, whichever thread ran which item. A top-level call's items get
+``2**32`` numbers each; a call nested in an item (or in the iterable's
+``next()``) divides the range of that item (or of the item ``next()``
+yields) among its own items, ``span >> 10`` each. Ranges are reserved,
+numbers used: a call that builds no graph uses none. An item that uses more numbers than its
+range holds raises instead of overlapping the next item's.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ class CallState(NamedTuple):
     @staticmethod
     def capture() -> CallState:
         return CallState(
-            ThreadState.capture(), _get_sequence_nr(), (*_function_modes(), *_dispatch_modes())
+            ThreadState.capture(), get_sequence_nr(), (*_function_modes(), *_dispatch_modes())
         )
 
 
@@ -132,36 +134,64 @@ class Issuing:
     __slots__ = ("_own", "_own_number")
 
     def __init__(self, state: CallState) -> None:
-        self._own_number = _get_sequence_nr()
+        self._own_number = get_sequence_nr()
         self._own = state.thread.make_current()
-        _set_sequence_nr(state.sequence_nr)
+        set_sequence_nr(state.sequence_nr)
 
     def restore(self) -> int:
-        item_number = _get_sequence_nr()
+        item_number = get_sequence_nr()
         self._own.make_current()
-        _set_sequence_nr(self._own_number)
+        set_sequence_nr(self._own_number)
         return item_number
 
 
-class ItemNumbers(NamedTuple):
+class ItemNumbers:
     """An item's sequence numbers: from ``first`` up to (not including) ``limit``."""
 
-    first: int
-    limit: int
-    span: int
+    __slots__ = ("_used", "first", "limit", "span")
+
+    def __init__(self, first: int, limit: int, span: int, used: list[int]) -> None:
+        self.first, self.limit, self.span = first, limit, span
+        self._used = used  # the call's list of numbers used up to
+
+    def enter(self) -> None:
+        """In the item's own context, on the thread about to run it."""
+        _item_span.set(self.span)
+        set_sequence_nr(self.first)
+
+    def leave(self, index: int, failed: bool) -> None:
+        """After item ``index`` (on the same thread): note what it used, and
+        raise, unless it ``failed`` already, if that is beyond its range."""
+        end = get_sequence_nr()
+        if end > self.first:
+            self._used.append(end)
+        if end > self.limit and not failed:
+            raise RuntimeError(
+                f"parallel_map: item {index} used more than its {self.span} autograd sequence "
+                "numbers (the nodes it created, and the ranges of the items of parallel_map "
+                "calls nested in it), so the backward could no longer visit the items in the "
+                "serial loop's order. Split the item's work, or nest fewer items in it."
+            )
 
 
 class Numbering:
-    """The sequence numbers of one call's items; on the coordinating thread."""
+    """The sequence numbers of one call's items; on the coordinating thread.
+
+    Ranges are reserved, numbers are used: after the call the caller goes
+    on just above the highest number that a pull or an item used, so a
+    call that builds no graph uses none.
+    """
 
     def __init__(self) -> None:
-        self._start = _get_sequence_nr()
+        self._start = get_sequence_nr()
         self._span = _item_span.get() >> _NESTED_SHIFT
         self._pulls = 0  # items pulled so far
-        self._end = self._start  # where the last pull left the counter
+        self._used: list[int] = []  # ends of pulls and items that used numbers
+        self._pull_span: contextvars.Token[int] | None = None
 
     def before_pull(self) -> None:
-        """Number what the iterable's ``next()`` creates: the next item's range starts here."""
+        """Number what the iterable's ``next()`` creates: the next item's range
+        starts here, and a call nested in ``next()`` divides that range."""
         base = self._start + self._pulls * self._span
         if base + self._span >= _LIMIT:
             raise RuntimeError(
@@ -169,18 +199,24 @@ class Numbering:
                 f"(at {base}); each call reserves {self._span} per item"
             )
         set_sequence_nr(base)
+        self._pull_span = _item_span.set(self._span)
 
     def after_pull(self, pulled: bool) -> ItemNumbers | None:
         """After ``next()``: the item's numbers if it gave one (``pulled``)."""
-        self._end = _get_sequence_nr()
+        if self._pull_span is not None:
+            _item_span.reset(self._pull_span)
+            self._pull_span = None
+        end = get_sequence_nr()
+        if end > self._start + self._pulls * self._span:
+            self._used.append(end)
         if not pulled:
             return None
         self._pulls += 1
-        return ItemNumbers(self._end, self._start + self._pulls * self._span, self._span)
+        return ItemNumbers(end, self._start + self._pulls * self._span, self._span, self._used)
 
     def finish(self) -> None:
-        """The caller's counter after the call: above every item's range."""
-        set_sequence_nr(max(self._end, self._start + self._pulls * self._span))
+        """The caller's counter after the call: above every number used."""
+        set_sequence_nr(max([self._start, *self._used]))
 
 
 def refuse_order_dependent_hooks() -> None:
@@ -198,21 +234,4 @@ def refuse_order_dependent_hooks() -> None:
             "checkpointing pairs the tensors that recomputation saves with the original ones "
             "by the order of saving, which threads do not keep. Checkpoint inside fn (per "
             "item) instead, or use use_reentrant=True."
-        )
-
-
-def enter_item(numbers: ItemNumbers) -> None:
-    """In the item's own context, on the thread about to run it."""
-    _item_span.set(numbers.span)
-    set_sequence_nr(numbers.first)
-
-
-def check_item_end(index: int, numbers: ItemNumbers) -> None:
-    """Raise if item ``index`` used numbers beyond its range."""
-    if _get_sequence_nr() > numbers.limit:
-        raise RuntimeError(
-            f"parallel_map: item {index} created more than {numbers.span} autograd nodes "
-            "(sequence numbers), more than its range holds, so the backward could no longer "
-            "visit the items in the order of the serial loop. Split the item's work, or "
-            "call parallel_map with fewer items nested inside one item."
         )
