@@ -175,7 +175,7 @@ def _run_case(case: dict[str, Any], number: int, rank: int, world: int) -> tuple
             ok.extend(flag for sub in results for flag in sub)
         return ok
 
-    logger = logging.getLogger("torch.distributed.threading._coordinator")
+    logger = logging.getLogger("torch.distributed.threading._turn")
     recorder = _IssueRecorder()
     logger.addHandler(recorder)
     logger.setLevel(logging.DEBUG)

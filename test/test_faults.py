@@ -164,7 +164,7 @@ def test_ctrl_c_releases_workers_waiting_on_collectives():
         assert o.status == "ok", o
         interrupted_after, cancelled, leftover = o.value
         assert interrupted_after < 2.0
-        assert cancelled == ["CancelledError"] * 3
+        assert cancelled == ["CollectiveCancelledError"] * 3
         assert leftover == []
 
 

@@ -9,6 +9,7 @@ compared with ``reference_schedule`` under random delays.
 from __future__ import annotations
 
 import contextvars
+import inspect
 import itertools
 import logging
 import queue
@@ -251,7 +252,7 @@ def test_a_failing_issue_on_a_worker_that_holds_the_turn_raises_in_its_own_item(
 def test_ctrl_c_while_a_worker_holds_the_turn():
     # Item 0's worker hands the turn to item 1's, whose call sends Ctrl-C to
     # the coordinator while it is being issued. Item 1's call was issued,
-    # item 2 gets CancelledError, and the turn goes to nobody after that.
+    # item 2 gets CollectiveCancelledError, and the turn goes to nobody after that.
     log = IssueLog()
     outcomes: dict[int, str] = {}
     main = threading.main_thread().ident
@@ -278,7 +279,7 @@ def test_ctrl_c_while_a_worker_holds_the_turn():
     with ctrl_c_raises(), pytest.raises(KeyboardInterrupt):
         parallel_map(item, range(3), max_workers=3)
     assert time.monotonic() - start < 5
-    assert outcomes == {0: "issued", 1: "issued", 2: "CancelledError"}
+    assert outcomes == {0: "issued", 1: "issued", 2: "CollectiveCancelledError"}
     assert [entry[1] for entry in log.entries] == [0, 1]
 
 
@@ -673,7 +674,7 @@ def test_ctrl_c_on_coordinator_releases_waiting_workers():
     with ctrl_c_raises(), pytest.raises(KeyboardInterrupt):
         parallel_map(item, range(3), max_workers=3)
     assert time.monotonic() - start < 5
-    assert cancelled == ["CancelledError", "CancelledError"]
+    assert cancelled == ["CollectiveCancelledError", "CollectiveCancelledError"]
     assert log.entries == []
 
 
@@ -998,6 +999,51 @@ def world_of_one():
         dist.destroy_process_group()
 
 
+def test_the_swaps_are_undone_when_a_call_raises():
+    # The refusals of process-group methods and the hooked collective ops are
+    # in place only while a call runs, however it ends.
+    from torch.distributed.threading._bypass import RefuseProcessGroupCallsOnWorkers
+    from torch.distributed.threading._op_hook import HookedOps
+
+    swaps = RefuseProcessGroupCallsOnWorkers.swaps() + HookedOps.swaps()
+    now = inspect.getattr_static
+
+    def item(i: int) -> int:
+        assert all(now(owner, name) is new for owner, name, _, new in swaps)
+        if i == 2:
+            raise ValueError("item 2 failed")
+        return i
+
+    with pytest.raises(ValueError, match="item 2 failed"):
+        parallel_map(item, range(4), max_workers=2)
+    assert all(now(owner, name) is original for owner, name, original, _ in swaps)
+
+
+def test_the_iterables_window_forgives_only_what_the_iterable_issues(world_of_one):
+    # The iterable runs on the coordinating thread at fixed points of the
+    # schedule, so what it issues is the schedule's; a collective that reached
+    # the group before its window opened is still a bypass.
+    import torch.distributed as dist
+    from torch.distributed.threading import CollectiveBypassError
+    from torch.distributed.threading._bypass import BypassDetector
+    from torch.distributed.threading._calls import ASYNC_THEN_WAIT, Call
+
+    call = Call(dist.all_reduce, {}, ASYNC_THEN_WAIT, 0, 0, None)
+    t = torch.ones(1)
+    for bypass_first in (False, True):
+        detector = BypassDetector()
+        if bypass_first:
+            dist.all_reduce(t)  # outside any window
+        detector.before_iterable()
+        dist.all_reduce(t)  # the iterable's own
+        detector.after_iterable()
+        if bypass_first:
+            with pytest.raises(CollectiveBypassError, match="before all_reduce"):
+                detector.before_issue(call)
+        else:
+            detector.before_issue(call)
+
+
 def test_send_to_self_keeps_sends_own_error(world_of_one):
     import torch.distributed as dist
 
@@ -1108,7 +1154,10 @@ def _draws_with_item_generators(monkeypatch, max_workers: int, delay_seed: int):
             time.sleep(sleeps[i])
             fake_collective(log, (i, k))
         torch.rand(5)  # the shared default generator: no effect on the others
-        nested = parallel_map(inner, range(2), max_workers=2) if i % 3 == 0 else []
+        # Two nested calls in one item: each call's items draw their own numbers.
+        nested = [
+            draws for _ in range(2) for draws in parallel_map(inner, range(2), max_workers=2)
+        ] if i % 3 == 0 else []
         return layers, torch.randint(0, 10**6, (2,), generator=g).tolist(), nested
 
     return parallel_map(item, range(10), max_workers=max_workers), log.entries
@@ -1206,51 +1255,46 @@ def test_a_deprecated_collective_warns_once_per_call(world_of_one):
 def test_a_stop_while_a_served_worker_runs_on_still_reaches_it():
     # Worker 0 holds the turn and issues item 1's waiting call for it. As soon
     # as item 1 has its reply it posts its next call, and the coordinator
-    # stops the schedule (Ctrl-C, say). Item 1's next call must get _STOP: had
+    # stops the schedule (Ctrl-C, say). Item 1's next call must get CANCEL: had
     # the holder still counted item 1 as owed a reply when the stop came,
     # the stop would skip it and item 1 would wait forever.
-    from torch.distributed.threading import _coordinator
     from torch.distributed.threading._calls import ASYNC_THEN_WAIT, Call
+    from torch.distributed.threading._issue import Issuer
+    from torch.distributed.threading._order import Route
+    from torch.distributed.threading._mailbox import Mailbox, Reply, Signal
+    from torch.distributed.threading._turn import Holder, Posted, Turn
+    from torch.distributed.threading._worker import Worker
 
-    turns = _coordinator._Turns()
-    holder_run, served_run = _coordinator._ItemRun(0, 0, None), _coordinator._ItemRun(1, 1, None)
-    turns.slots, turns.holder = [holder_run, served_run], _coordinator._WORKER
+    turn = Turn(workers_may_hold=True)
+    holder_box, served_box = Mailbox(0, 0, None), Mailbox(1, 1, None)
+    turn.fill([holder_box, served_box])
 
-    class Feeder:
-        def close(self) -> list[Any]:
-            return [holder_run, served_run]
+    def call(box: Any, seq: int) -> Call:
+        return Call(lambda **_: None, {}, ASYNC_THEN_WAIT, box.index, seq, None, state=object())
 
-    schedule = object.__new__(_coordinator.Schedule)
-    schedule._turns, schedule._feeder = turns, Feeder()
-
-    def call(run: Any, seq: int) -> Call:
-        made = Call(lambda **_: None, {}, ASYNC_THEN_WAIT, run.index, seq, None)
-        made.servable = True
-        return made
-
-    served_run.pending, served_run.pending_passable = call(served_run, 0), True
+    # Item 0 posts at an open turn and holds it; item 1 waits with a call any holder may issue.
+    assert turn.take([]) == (holder_box, None)  # the turn opens
+    assert turn.post(holder_box, call(holder_box, 0), Route.ANY_HOLDER) is Posted.HOLD_TURN
+    assert turn.post(served_box, call(served_box, 0), Route.ANY_HOLDER) is Posted.QUEUED
 
     def served_worker_runs_on() -> None:  # item 1's worker, then the coordinator
-        assert isinstance(served_run.replies.get(), _coordinator._Reply)
-        turns.post(served_run, call(served_run, 1), True)
-        schedule._stop_items()
+        assert isinstance(served_box.replies.get(), Reply)
+        turn.post(served_box, call(served_box, 1), Route.ANY_HOLDER)
+        turn.stop([holder_box, served_box])
 
     class Replies(queue.SimpleQueue):
         def put(self, item: Any, *args: Any, **kwargs: Any) -> None:
             super().put(item, *args, **kwargs)
-            if isinstance(item, _coordinator._Reply):  # the holder replies
+            if isinstance(item, Reply):  # the holder replies
                 runner = threading.Thread(target=served_worker_runs_on, daemon=True)
                 runner.start()
                 runner.join(0.5)  # it runs now, or once the holder lets it
 
-    served_run.replies = Replies()
-    worker = object.__new__(_coordinator._Worker)
-    worker._turns, worker._detector = turns, None
-    try:
-        worker._pass_turn_on(call(holder_run, 0))
-    finally:
-        _collective_hook.fn = None  # a worker's, set back after serving
-    assert served_run.replies.get(timeout=5) is _coordinator._STOP
+    served_box.replies = Replies()
+    worker = Worker(lambda x: x, None, None, turn, Issuer(None), coalesce=False)
+    worker._serve_then_pass(call(holder_box, 0))
+    assert served_box.replies.get(timeout=5) is Signal.CANCEL
+    assert turn._holder is Holder.OPEN
 
 
 if __name__ == "__main__":

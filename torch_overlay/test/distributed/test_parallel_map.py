@@ -13,6 +13,7 @@ import functools
 import importlib
 import itertools
 import logging
+import os
 import pkgutil
 import random
 import subprocess
@@ -55,7 +56,7 @@ class _IssueRecorder(logging.Handler):
 
 @contextlib.contextmanager
 def _recording_schedule():
-    logger = logging.getLogger("torch.distributed.threading._coordinator")
+    logger = logging.getLogger("torch.distributed.threading._turn")
     recorder = _IssueRecorder()
     old_level, old_propagate = logger.level, logger.propagate
     logger.addHandler(recorder)
@@ -196,6 +197,27 @@ class _TestsForEveryWorldSize:
             self.assertEqual(out, expected, f"item {i}")
         self.assertEqual(len(issued), 17 * len(items))
         self._assert_same_on_every_rank(issued)
+        self._assert_clean()
+
+    @unittest.skipUnless(hasattr(os, "sched_setaffinity"), "needs sched_setaffinity")
+    def test_default_max_workers_is_the_same_on_every_rank(self):
+        # The schedule depends on max_workers, so its default must not depend
+        # on what differs between ranks: here the ranks per machine that
+        # torchrun reports and the CPUs this process may use.
+        self._init()
+        cpus = sorted(os.sched_getaffinity(0))
+        os.environ["LOCAL_WORLD_SIZE"] = str(self.rank + 1)
+        os.sched_setaffinity(0, cpus[: max(1, len(cpus) // (self.rank + 1))])
+
+        def item(i):
+            t = _full(i * 10 + self.rank)
+            dist.all_reduce(t)
+            u = _full(t[0].item() * (self.rank + 1))
+            dist.all_reduce(u)
+            return t[0].item(), u[0].item()
+
+        expected = [item(i) for i in range(6)]
+        self.assertEqual(parallel_map(item, range(6)), expected)
         self._assert_clean()
 
     def test_data_dependent_counts_under_random_delays(self):
@@ -867,7 +889,17 @@ class PublicApiTest(TestCase):
 
     def test_public_names(self):
         module = importlib.import_module("torch.distributed.threading")
-        self.assertEqual(module.__all__, ["coordinated", "item_generator", "parallel_map"])
+        self.assertEqual(
+            module.__all__,
+            [
+                "CollectiveBypassError",
+                "CollectiveCancelledError",
+                "ScheduleMismatchError",
+                "coordinated",
+                "item_generator",
+                "parallel_map",
+            ],
+        )
         for name in module.__all__:
             self.assertEqual(getattr(module, name).__module__, "torch.distributed.threading")
         public = {n for n in dir(module) if not n.startswith("_")}
@@ -877,6 +909,15 @@ class PublicApiTest(TestCase):
             # What a private module exports is public only through the package.
             sub = importlib.import_module(f"torch.distributed.threading.{info.name}")
             self.assertLessEqual(set(getattr(sub, "__all__", [])), set(module.__all__), info.name)
+
+    def test_imports_where_os_has_no_fork(self):
+        # Windows has no os.register_at_fork; the package must import there too.
+        probe = (
+            "import os, torch\n"
+            "del os.register_at_fork\n"
+            "import torch.distributed.threading\n"
+        )
+        subprocess.run([sys.executable, "-c", probe], check=True)
 
     def test_import_has_no_side_effects(self):
         probe = (

@@ -1,59 +1,33 @@
-"""Detect collectives that reach a process group outside the schedule.
+"""Detect, or refuse, collectives that reach a process group outside the schedule.
 
-A collective that a worker issues without going through the schedule is
-issued in a timing-dependent order: on another rank it pairs up with a
-different collective, and the job computes wrong numbers, or hangs, without
-an error. The schedule sees every Python entry point and every functional
-collective op, but not a direct ``ProcessGroup`` method call (refused, see
-below), a C++ caller (DDP's parameter checks and buffer broadcasts, its
-reducer, autograd's device threads running a backward that communicates), nor
-a thread that ``fn`` starts.
+A collective issued outside the schedule goes out in a timing-dependent
+order: on another rank it pairs with a different collective, and the job
+computes wrong numbers or hangs, without an error. The schedule sees every
+Python entry point and functional collective op; not a direct
+``ProcessGroup`` method call, a C++ caller (DDP, autograd's device threads
+running a communicating backward), nor a thread that ``fn`` starts.
 
-Process groups count the collectives issued on them
-(``_get_sequence_number_for_group``; gloo counts point-to-point transfers
-too). The detector snapshots those counters when the schedule starts; the
-thread that issues a collective at its turn (the coordinating thread, or a
-worker holding the schedule's turn) checks, right before issuing, that no counter has moved
-since the last issue ended, and reads them again right after: every change
-outside these short windows is a collective the schedule did not issue (the
-coordinating thread advancing the iterable, which runs at fixed points of the
-schedule and may issue collectives itself, does so in such a window too). At
-the end of the call every group is checked once more, groups created
-meanwhile included. Nothing here depends on how many collectives a call
-issues, which differs between calls and backends (gloo's object collectives
-issue two or three, its ``reduce_scatter`` two).
+*Refused* before anything is issued, while a top-level call runs: the
+collective methods of ``ProcessGroup`` and ``Backend`` on worker threads
+(:class:`RefuseProcessGroupCallsOnWorkers`), and the C++ entry points that
+DDP reaches from Python (:func:`refuse_cpp_collectives`; a mismatched
+collective there can make gloo abort the process).
 
-What it cannot see: a collective that another thread issues while the
-schedule issues counts as the schedule's. The window is microseconds for an
-asynchronous issue, but a call that runs to completion on the issuing thread
-holds it open throughout; code that bypasses once usually does so again
-outside a window, and is caught then. ``dist._coalescing_manager``
-holds collectives back in process-wide state instead of issuing them: workers
-may not enter it (their hook refuses it), and the schedule refuses to issue
-while it is active.
-
-A window around an issue that runs long (an object collective, group
-creation, a ``coordinated`` function all run to completion on the issuing
-thread) would hide another thread's collective, and a process group built
-outside ``torch.distributed``'s registry has no counter that the detector
-knows of. So while a top-level call runs, the collective methods of
-``ProcessGroup`` and ``Backend`` refuse to run on its worker threads
-(:class:`RefuseProcessGroupCallsOnWorkers`), before anything is issued: a
-worker's collectives go through the schedule, which issues them with the
-hook off. The counters are for what that cannot see: C++ callers, and
-threads that ``fn`` starts.
-
-Detecting after the fact is not always enough: a collective that pairs with
-one of a different size makes gloo abort the process. So the C++ entry points
-that Python code reaches before issuing (``dist._broadcast_coalesced`` and
-``dist._verify_params_across_processes``, which DistributedDataParallel calls
-when it is built and to broadcast buffers in ``forward``) refuse to run on a
-worker thread, before anything is issued (:func:`refuse_cpp_collectives`).
-
-A mismatch raises :class:`CollectiveBypassError` naming the groups whose
-counters moved and the likely causes. Backends without counters (fake and
-custom groups) are skipped. ``TORCH_DISTRIBUTED_THREADING_DETECT_BYPASS=0``
-turns detection off.
+*Detected* after the fact, by counters: process groups count the
+collectives issued on them (``_get_sequence_number_for_group``). The
+:class:`BypassDetector` snapshots them when the schedule starts; whoever
+issues at the turn checks right before issuing that nothing moved since
+the last issue ended, and reads them again right after (``_issue``); the
+coordinating thread advancing the iterable does the same (``_feeder``). At
+the end every group is checked once more, groups created meanwhile
+included. A change outside these windows raises
+:class:`CollectiveBypassError`. A collective another thread issues *inside*
+a window counts as the schedule's; code that bypasses once usually does so
+again outside one. ``dist._coalescing_manager`` keeps collectives in
+process-wide state: workers may not enter it, and the schedule does not
+issue while it is active. Backends without counters are skipped;
+``TORCH_DISTRIBUTED_THREADING_DETECT_BYPASS=0`` turns detection off. The
+detector is used only by the thread that holds the turn: the turn is its lock.
 """
 
 from __future__ import annotations
@@ -69,6 +43,7 @@ import torch.distributed.distributed_c10d as c10d
 from torch.distributed.distributed_c10d import _collective_hook
 
 from ._calls import call_coordinated
+from ._errors import CollectiveBypassError
 from ._swap import Swap, SwappedWhileEntered
 
 
@@ -98,10 +73,6 @@ _CAUSES = (
     f"device threads (run backward outside parallel_map). Set {ENV_VAR}=0 to turn "
     "this check off."
 )
-
-
-class CollectiveBypassError(RuntimeError):
-    """A collective reached a process group without going through the schedule."""
 
 
 def enabled() -> bool:

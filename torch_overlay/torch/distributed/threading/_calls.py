@@ -2,12 +2,11 @@
 
 The schedule only *issues*: a collective that the worker asked for
 synchronously is issued asynchronously and the worker waits on the returned
-``Work`` itself, so the coordinator is free to issue the next slot's
+``Work`` itself, so the schedule is free to issue the next slot's
 collective while this one is in flight. Such single asynchronous calls may
 also be issued by a worker that holds the schedule's turn: the calling
 worker itself, or, when the issue runs only torch's code
-(``issue_runs_torch_only``), the worker whose call came just before it (see
-``_coordinator``).
+(``issue_runs_torch_only``), any worker holding the turn (see ``_order.Route``).
 Calls without an asynchronous form (object collectives, group creation,
 ``monitored_barrier``, functions wrapped with
 :func:`~torch.distributed.threading.coordinated`) run to completion on the
@@ -51,8 +50,7 @@ def _undecorated(fn: Callable[..., Any]) -> Callable[..., Any]:
     logging, ``deprecated``), and every error of the issue is raised inside
     that call: so an error is logged once and a deprecation warned once, as
     serially, and the issue runs no warning filter or handler of whichever
-    thread issues it. It also saves a call layer (about 4 us per call on
-    3.14t, 2 us with the GIL).
+    thread issues it. It also saves a call layer.
     """
     return inspect.unwrap(fn) if fn.__module__ == c10d.__name__ else fn
 
@@ -202,9 +200,6 @@ class Call:
     # A copy of the item's context, for a call that runs user code elsewhere
     # (a ``coordinated`` function), whose changes go back to the item.
     context: contextvars.Context | None = None
-    # Whether a worker holding the turn may issue it for its item's worker
-    # (see ``issue_runs_torch_only``).
-    servable: bool = False
     # Set by ``issue``: the item's next autograd sequence number after it,
     # and, for a call with a context, the item's state after it.
     sequence_nr_after: int | None = None

@@ -27,6 +27,7 @@ from ._thread_state import Issuing
 
 if TYPE_CHECKING:
     from ._calls import Call
+    from ._mailbox import Mailbox
 
 
 __all__: list[str] = []
@@ -138,3 +139,31 @@ class _Part:
         # in-place all_reduce leaves it: a tensor saved for backward stays usable.
         tensor.data.copy_(part.view(tensor.shape))
         return True
+
+
+class HeldCalls:
+    """The all_reduces the coordinator holds back, all with one key, with their items.
+
+    Held calls go out together right before anything else is issued, and
+    before the coordinator waits on a slot whose call it holds: at the latest
+    when its visit comes back round.
+    """
+
+    def __init__(self) -> None:
+        self.boxes: list[Mailbox] = []  # the items whose calls are held
+        self._calls: list[Call] = []
+        self._key: tuple[Any, ...] | None = None
+
+    def must_go_before(self, key: tuple[Any, ...] | None) -> bool:
+        """Whether the held calls go out before a call with ``key`` (None: not coalescable)."""
+        return bool(self.boxes) and key != self._key
+
+    def add(self, box: Mailbox, call: Call, key: tuple[Any, ...]) -> None:
+        self.boxes.append(box)
+        self._calls.append(call)
+        self._key = key
+
+    def take(self) -> list[tuple[Mailbox, Call]]:
+        held = list(zip(self.boxes, self._calls, strict=True))
+        self.boxes, self._calls, self._key = [], [], None
+        return held

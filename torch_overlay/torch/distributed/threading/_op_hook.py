@@ -13,8 +13,8 @@ op calls (its ``_op``) is a :class:`_HookedOp`, which hands the call to the
 hook when the current thread has one, and otherwise calls the original. The
 originals are back as soon as the outermost call returns, so code outside
 ``parallel_map`` runs exactly what it ran before (a wrapper that stayed would
-cost every functional collective a Python call and a thread-local lookup,
-about 2,500 instructions). Swapping is safe for threads that call the ops
+cost every functional collective a Python call and a thread-local lookup).
+Swapping is safe for threads that call the ops
 meanwhile: the attribute holds either callable, and both issue the op.
 
 The op objects keep their type and hash (inductor checks ``type(op) is

@@ -16,6 +16,8 @@ import queue
 import threading
 from typing import TYPE_CHECKING
 
+from ._interrupts import shielded
+
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -82,7 +84,8 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._idle: list[PooledThread] = []
         self._numbers = itertools.count()
-        os.register_at_fork(after_in_child=self._forget)
+        if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+            os.register_at_fork(after_in_child=self._forget)
 
     def acquire(self, count: int, into: list[PooledThread]) -> None:
         """Append ``count`` threads to ``into``, idle ones first.
@@ -90,18 +93,19 @@ class WorkerPool:
         Each thread is in ``into`` before it runs, so that a caller
         interrupted here (Ctrl-C) still finds, and retires, every thread.
         """
-        with self._lock:
+        with shielded, self._lock:
             self._idle = [t for t in self._idle if t.thread.is_alive()]
             reused = self._idle[len(self._idle) - min(count, len(self._idle)):]
             into.extend(reused)
             del self._idle[len(self._idle) - len(reused):]
         while len(into) < count:
             thread = PooledThread(self, next(self._numbers))
-            into.append(thread)
-            thread.thread.start()
+            with shielded:  # a Ctrl-C in start() would leave a thread no one can join
+                into.append(thread)
+                thread.thread.start()
 
     def release(self, threads: list[PooledThread]) -> None:
-        with self._lock:
+        with shielded, self._lock:
             self._idle.extend(threads)
 
     def expire(self, thread: PooledThread) -> bool:

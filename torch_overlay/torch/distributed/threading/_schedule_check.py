@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
+from ._errors import ScheduleMismatchError
+
 
 if TYPE_CHECKING:
     from ._calls import Call
@@ -35,10 +37,6 @@ _SHAPELESS = _POINT_TO_POINT | {"all_to_all", "all_to_all_single"}
 # One gloo group per default process group, created by the first checked call
 # (which every rank makes, in the same order, like any collective).
 _check_groups: dict[int, dist.ProcessGroup] = {}
-
-
-class ScheduleMismatchError(RuntimeError):
-    """Ranks are about to issue different collectives, or use different max_workers."""
 
 
 def _fingerprint(call: Call) -> tuple[Any, ...]:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from ._interrupts import shielded
+
 
 __all__: list[str] = []
 
@@ -41,7 +43,7 @@ class SwappedWhileEntered:
 
     @classmethod
     def swaps(cls) -> list[Swap]:
-        with _build_lock:
+        with shielded, _build_lock:
             built: list[Swap] | None = cls.__dict__.get("_swaps")
             if built is None:
                 built = cls.build_swaps()
@@ -50,14 +52,16 @@ class SwappedWhileEntered:
 
     def __enter__(self) -> None:
         cls = type(self)
-        if cls._depth == 0:
-            for owner, name, _, replacement in cls.swaps():
-                setattr(owner, name, replacement)
-        cls._depth += 1
+        with shielded:  # all swaps or none, whenever a Ctrl-C comes
+            if cls._depth == 0:
+                for owner, name, _, replacement in cls.swaps():
+                    setattr(owner, name, replacement)
+            cls._depth += 1
 
     def __exit__(self, *exc: object) -> None:
         cls = type(self)
-        cls._depth -= 1
-        if cls._depth == 0:
-            for owner, name, original, _ in cls.swaps():
-                setattr(owner, name, original)
+        with shielded:
+            cls._depth -= 1
+            if cls._depth == 0:
+                for owner, name, original, _ in cls.swaps():
+                    setattr(owner, name, original)
