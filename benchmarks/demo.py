@@ -21,6 +21,42 @@ median times and the median of the rounds' own speedups: on a virtual machine
 whose single-thread speed changes within seconds, a ratio taken within one
 round is what stays put. Each round also times raw threads of pure Python
 against one thread, to show what threads can give on the machine right then.
+
+Why rounds, and the last column: on the 2-core virtual machine this was
+written on, the speed of one busy thread flips between two states that last
+from seconds to tens of seconds (a pass over the six layers takes 34-40 ms in
+one and 56-62 ms in the other), and what two threads give moves with them. A
+speedup taken as a ratio of medians over a couple of seconds therefore changed
+from run to run. Each round now runs both loops back to back, and the speedup
+is the median of the rounds' own ratios. The last column times two raw threads
+of private pure Python against one thread in the same rounds (about 10 ms per
+thread; an earlier probe of about 2 ms per thread was replaced), so each run
+shows what threads could give on the machine at that moment. In eleven runs
+with that probe the demo's speedup was 0.88-1.04 of the pure-Python threads':
+it follows what the machine gives threads.
+
+What rank 0 prints, column by column:
+
+- ``serial``, ``parallel_map``: medians over the rounds. ``serial`` is the
+  faster of the loop run with the rank's cores as intra-op threads and with
+  the workers' count (cores per rank // max_workers, at least 1), since small
+  kernels can be slower split over threads; ``parallel_map`` gives each
+  worker that count.
+- ``speedup``: the median of each round's serial / parallel_map, and
+  ``middle half``: the middle half of those ratios.
+- ``pure-Python threads``: as many raw threads of private pure Python as the
+  rank has cores (or workers, if fewer) against one, in the same rounds: what
+  threads give on this machine now.
+- ``results``: on every rank, ``parallel_map``'s results equal the serial
+  loop's, every round.
+
+The demo starts its own ranks on one machine, or, under ``torchrun``, runs as
+one rank per process, unchanged; that is also how it scales to many machines::
+
+    E=~/.cache/torch-dist-threading/env-ft/bin
+    cd benchmarks && $E/torchrun --nproc-per-node 2 demo.py
+
+Dated runs, with their commands and output: ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
