@@ -56,21 +56,20 @@ if TYPE_CHECKING:
 __all__: list[str] = []
 
 
-def _uninterruptible(step: Callable[[], object]) -> None:
-    """Run ``step`` to its end even if Ctrl-C comes; then raise the Ctrl-C.
+def _uninterruptible(step: Callable[[], object]) -> KeyboardInterrupt | None:
+    """Run ``step`` to its end even if Ctrl-C comes; returns the Ctrl-C, for the
+    caller to raise once it has done what must be done.
 
     ``step`` must be safe to run again from the start.
     """
-    interrupt: BaseException | None = None
+    interrupt: KeyboardInterrupt | None = None
     while True:
         try:
             step()
         except KeyboardInterrupt as error:
-            interrupt = error
+            interrupt = interrupt or error
             continue
-        break
-    if interrupt is not None:
-        raise interrupt
+        return interrupt
 
 
 def _retire(threads: list[PooledThread]) -> None:
@@ -148,8 +147,8 @@ class Coordinator:
         second Ctrl-C stops the wait, and the retired threads still exit as
         soon as their item does.
         """
-        _uninterruptible(self._stop)
-        if clean:
+        interrupt = _uninterruptible(self._stop)
+        if clean and interrupt is None:
             try:
                 for thread in threads:
                     thread.wait()
@@ -160,9 +159,11 @@ class Coordinator:
                 raise
             pool.release(threads)
             return
-        _uninterruptible(lambda: _retire(threads))
+        interrupt = _uninterruptible(lambda: _retire(threads)) or interrupt
         for thread in threads:
             thread.join()
+        if interrupt is not None:
+            raise interrupt
 
     def _stop(self) -> None:
         """Issue nothing more; cancel the items taken and not ended. Idempotent."""

@@ -72,7 +72,11 @@ class ShieldedLock:
 
     def __enter__(self) -> None:
         _sections.depth += 1
-        self._lock.acquire()
+        try:
+            self._lock.acquire()
+        except BaseException:  # another signal's handler raised: the section never began
+            _sections.depth -= 1
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self._lock.release()

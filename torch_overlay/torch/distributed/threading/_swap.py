@@ -52,11 +52,18 @@ class SwappedWhileEntered:
 
     def __enter__(self) -> None:
         cls = type(self)
-        with shielded:  # all swaps or none, whenever a Ctrl-C comes
-            if cls._depth == 0:
-                for owner, name, _, replacement in cls.swaps():
-                    setattr(owner, name, replacement)
-            cls._depth += 1
+        entered = False
+        try:
+            with shielded:  # all swaps or none, whenever a Ctrl-C comes
+                if cls._depth == 0:
+                    for owner, name, _, replacement in cls.swaps():
+                        setattr(owner, name, replacement)
+                cls._depth += 1
+                entered = True
+        except BaseException:  # a Ctrl-C raised as the section ended: no __exit__ follows
+            if entered:
+                self.__exit__(None, None, None)
+            raise
 
     def __exit__(self, *exc: object) -> None:
         cls = type(self)

@@ -197,10 +197,9 @@ class Turn:
                 if box.state in (BoxState.RUNNING, BoxState.PENDING)
                 and not isinstance(box.pending, ItemEnded)  # its worker waits for nothing
             ]
-            for box in to_cancel:
+            for box in to_cancel:  # sent under the lock: a Ctrl-C cannot split state and message
                 box.pending, box.state = None, BoxState.CANCELLED
-        for box in to_cancel:
-            box.replies.put(Signal.CANCEL)
+                box.replies.put(Signal.CANCEL)
 
     def post(self, box: Mailbox, event: Event, route: Route) -> Posted:
         """A worker posts its item's next event (a call with its route, or its end).

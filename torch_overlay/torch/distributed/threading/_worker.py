@@ -134,7 +134,7 @@ class Worker:
     def main(self) -> None:
         """The job, on a pooled thread: run items until there are none."""
         self.thread = threading.current_thread()
-        own_stream, setup_error = None, None
+        own_stream, setup_error, first = None, None, True
         try:
             own_stream = self._state.enter_worker_thread()
         except BaseException as error:  # each item this worker takes fails with it
@@ -144,8 +144,9 @@ class Worker:
         try:
             while (box := self._feeder.take()) is not None:
                 self.box = box
-                if setup_error is not None:
-                    ended = ItemEnded(error=copy_of(setup_error))
+                if setup_error is not None:  # the original (its traceback) first, then copies
+                    ended = ItemEnded(error=setup_error if first else copy_of(setup_error))
+                    first = False
                 else:
                     try:
                         ended = ItemEnded(self._state.run(
@@ -202,6 +203,7 @@ class Worker:
 
     def _outcome(self, box: Mailbox, call: Call, message: Message) -> Any:
         """The call's outcome from a message: its reply, or CANCEL."""
+        self.waiting_for_issue = False  # issued (or not to be): for hang reports
         if message is Signal.CANCEL:
             raise _cancelled(box)
         assert isinstance(message, Reply)
