@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from fake_collectives import fake_collective
 
 
 @contextlib.contextmanager
@@ -23,3 +28,25 @@ def ctrl_c_raises() -> Iterator[None]:
         # None: the handler was installed from C, which Python cannot put back.
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def interrupting_items(log: Any, cancelled: list[str]) -> Callable[[int], int]:
+    """Items for three workers: item 0 sends Ctrl-C to the main thread while
+    items 1 and 2 wait for their turn behind it (recording the error they get)."""
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def item(i: int) -> int:
+        if i == 0:
+            time.sleep(0.2)  # keep the coordinator waiting on slot 0
+            signal.pthread_kill(main, signal.SIGINT)
+            time.sleep(0.2)
+            return i
+        try:
+            fake_collective(log, i)  # waits for slot 0's turn, which never comes
+        except RuntimeError as error:
+            cancelled.append(type(error).__name__)
+            raise
+        return i
+
+    return item

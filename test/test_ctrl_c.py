@@ -21,8 +21,8 @@ import pytest
 from torch.distributed.distributed_c10d import _collective_hook
 from torch.distributed.threading import _feeder, _pool, parallel_map
 
-from fake_collectives import fake_collective, IssueLog
-from signals import ctrl_c_raises
+from fake_collectives import IssueLog
+from signals import ctrl_c_raises, interrupting_items
 
 
 HERE = Path(__file__).resolve().parent
@@ -68,19 +68,7 @@ def test_a_second_ctrl_c_while_stopping_still_releases_every_worker(monkeypatch)
 
     monkeypatch.setattr(_feeder.Feeder, "close", close_and_interrupt)
     log, cancelled = IssueLog(), []
-
-    def item(i: int) -> int:
-        if i == 0:
-            time.sleep(0.2)  # keep the coordinator waiting on slot 0
-            signal.pthread_kill(main, signal.SIGINT)
-            time.sleep(0.2)
-            return i
-        try:
-            fake_collective(log, i)  # waits for slot 0's turn, which never comes
-        except RuntimeError as error:
-            cancelled.append(type(error).__name__)
-            raise
-        return i
+    item = interrupting_items(log, cancelled)
 
     faulthandler.dump_traceback_later(60, exit=True)  # a hang fails the run loudly
     try:

@@ -40,7 +40,7 @@ from fake_collectives import (
     fake_object_collective,
     reference_schedule,
 )
-from signals import ctrl_c_raises
+from signals import ctrl_c_raises, interrupting_items
 
 
 def worker_threads() -> list[threading.Thread]:
@@ -654,22 +654,8 @@ def test_no_thread_or_hook_left_after_failure():
 @pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs pthread_kill")
 def test_ctrl_c_on_coordinator_releases_waiting_workers():
     log = IssueLog()
-    cancelled = []
-    main = threading.main_thread().ident
-
-    def item(i: int) -> int:
-        if i == 0:
-            time.sleep(0.2)  # keep the coordinator waiting on slot 0
-            signal.pthread_kill(main, signal.SIGINT)
-            time.sleep(0.2)
-            return i
-        try:
-            fake_collective(log, i)  # waits for slot 0's turn, which never comes
-        except RuntimeError as e:
-            cancelled.append(type(e).__name__)
-            raise
-        return i
-
+    cancelled: list[str] = []
+    item = interrupting_items(log, cancelled)
     start = time.monotonic()
     with ctrl_c_raises(), pytest.raises(KeyboardInterrupt):
         parallel_map(item, range(3), max_workers=3)

@@ -143,7 +143,7 @@ class Coordinator:
 
         What must happen for the threads to end at all (stopping the items,
         retiring the threads) cannot be interrupted: a Ctrl-C during it is
-        raised once it is done. Waiting for the threads to end can be: a
+        raised once the threads have ended. Waiting for them can be: a
         second Ctrl-C stops the wait, and the retired threads still exit as
         soon as their item does.
         """

@@ -128,10 +128,6 @@ class Turn:
         with self._coordinators_lock:
             return self._issued
 
-    @property
-    def stopped(self) -> bool:
-        return self._stopped
-
     def at_position(self) -> Mailbox | None:
         with self._coordinators_lock:
             return self._cycle.current()
