@@ -1,6 +1,7 @@
-"""Benchmark: what the change costs outside parallel_map, counted in instructions.
+"""Benchmark: what a call costs, counted in instructions.
 
-    python bench_instructions.py [--what all_reduce op eager inductor] [--calls 200] [--smoke]
+    python bench_instructions.py [--what all_reduce op eager inductor own served]
+                                 [--calls 200] [--smoke]
 
 Wall times of a call that takes tens of microseconds cannot show a cost of a
 few tenths of a microsecond on a shared 2-core machine, so this counts
@@ -9,15 +10,22 @@ runs. Each case runs in a fresh process under callgrind with instrumentation
 switched on (``callgrind_control -i on``) only around ``--calls`` calls, after
 50 warm-up calls, with garbage collection off in between, once with zero
 calls and once with ``--calls``: the difference divided by ``--calls`` is the
-cost of one call on the calling thread. Both sides import the same modules
-(``torch._dynamo``, which ``torch.distributed.threading`` imports); the
-overlay is uninstalled for "pristine" and installed, with
-``torch.distributed.threading`` imported, for "overlay". gloo, world size 1.
+cost of one call, in every thread. gloo, world size 1.
 
-Cases: ``all_reduce``: ``dist.all_reduce`` (the hook line of the entry
-points); ``op``: a functional all_reduce op and its ``wait_tensor``, what
-compiled graphs call; ``eager`` / ``inductor``: a function compiled with that
-backend, with ``dist.all_reduce`` inside.
+Outside parallel_map (the cost of the change to code that does not use it):
+both sides import the same modules (``torch._dynamo``, which
+``torch.distributed.threading`` imports); the overlay is uninstalled for
+"pristine" and installed, with ``torch.distributed.threading`` imported, for
+"overlay". Cases: ``all_reduce``: ``dist.all_reduce`` (the hook line of the
+entry points); ``op``: a functional all_reduce op and its ``wait_tensor``,
+what compiled graphs call; ``eager`` / ``inductor``: a function compiled
+with that backend, with ``dist.all_reduce`` inside.
+
+Inside parallel_map (the schedule's cost per call), against the same
+``dist.all_reduce`` on the calling thread with the overlay installed: ``own``:
+one item of two makes the calls (its worker issues them itself); ``served``:
+two items make them, so the holder of the turn issues many of the other
+item's. One ``parallel_map`` call either way, so its own cost cancels out.
 """
 
 from __future__ import annotations
@@ -51,6 +59,15 @@ elif what == "op":
     wait = torch.ops._c10d_functional.wait_tensor.default
     group = dist.group.WORLD.group_name
     fn = lambda: wait(all_reduce(x, "sum", group))
+elif what in ("own", "served"):
+    from torch.distributed.threading import parallel_map
+    active = 1 if what == "own" else 2
+    def run(n):
+        def item(i):
+            if i < active:
+                for _ in range(n // active):
+                    dist.all_reduce(x)
+        parallel_map(item, range(2), max_workers=2)
 else:
     def step(x):
         y = x * 2
@@ -58,8 +75,11 @@ else:
         return y + 1
     compiled = torch.compile(step, backend=what, fullgraph=True)
     fn = lambda: compiled(x)
-for _ in range(50):
-    fn()
+if what not in ("own", "served"):
+    def run(n):
+        for _ in range(n):
+            fn()
+run(50)
 def instrument(state):
     if counting:
         subprocess.run(["callgrind_control", "-i", state, str(os.getpid())],
@@ -68,13 +88,15 @@ def instrument(state):
 gc.collect()
 gc.disable()
 instrument("on")
-for _ in range(calls):
-    fn()
+run(calls)
 instrument("off")
 gc.enable()
 dist.destroy_process_group()
 print("ok")
 """
+
+
+_INSIDE = {"own": "own (its worker issues it)", "served": "served (two items calling)"}
 
 
 def _overlay(command: str) -> None:
@@ -106,31 +128,46 @@ def per_call(what: str, calls: int, hooked: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--what", nargs="+", default=["all_reduce", "op", "eager", "inductor"])
+    parser.add_argument("--what", nargs="+",
+                        default=["all_reduce", "op", "eager", "inductor", "own", "served"])
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--smoke", action="store_true", help="tiny, uncounted: for CI")
     args = parser.parse_args()
     if args.smoke:  # the measured script once, natively, with the overlay as installed
-        for what in ("all_reduce", "op"):
+        for what in ("all_reduce", "op", "served"):
             subprocess.run([sys.executable, "-c", _RUN, what, "2", "1", "0"], check=True)
         print("smoke: ok")
         return
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("needs valgrind (Debian's package valgrind)")
-    header(f"instructions per call outside parallel_map (callgrind, gloo world 1, "
-           f"{args.calls} calls)")
-    rows = []
+    outside = [what for what in args.what if what not in _INSIDE]
+    inside = [what for what in args.what if what in _INSIDE]
     try:
-        for what in args.what:
-            _overlay("uninstall")
-            pristine = per_call(what, args.calls, hooked=False)
+        if outside:
+            header(f"instructions per call outside parallel_map (callgrind, gloo world 1, "
+                   f"{args.calls} calls)")
+            rows = []
+            for what in outside:
+                _overlay("uninstall")
+                pristine = per_call(what, args.calls, hooked=False)
+                _overlay("install")
+                overlay = per_call(what, args.calls, hooked=True)
+                rows.append([what, round(pristine), round(overlay), round(overlay - pristine),
+                             f"{100 * (overlay / pristine - 1):+.1f}%"])
+            table(["call", "pristine", "overlay", "difference", "relative"], rows)
+        if inside:
             _overlay("install")
-            overlay = per_call(what, args.calls, hooked=True)
-            rows.append([what, round(pristine), round(overlay), round(overlay - pristine),
-                         f"{100 * (overlay / pristine - 1):+.1f}%"])
+            header(f"instructions per all_reduce inside parallel_map (callgrind, gloo world 1, "
+                   f"{args.calls} calls)")
+            direct = per_call("all_reduce", args.calls, hooked=True)
+            rows = [["direct (calling thread)", round(direct), 0, "+0.0%"]]
+            for what in inside:
+                count = per_call(what, args.calls, hooked=True)
+                rows.append([_INSIDE[what], round(count), round(count - direct),
+                             f"{100 * (count / direct - 1):+.1f}%"])
+            table(["call", "instructions", "added", "relative"], rows)
     finally:
         _overlay("install")
-    table(["call", "pristine", "overlay", "difference", "relative"], rows)
 
 
 if __name__ == "__main__":

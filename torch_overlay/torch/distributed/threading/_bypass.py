@@ -156,7 +156,7 @@ class BypassDetector:
 
     def clear_to_issue(self) -> bool:
         """Whether :meth:`before_issue` would not raise."""
-        return not self._coalescing and self.unchanged()
+        return not self._coalescing and [read() for read in self._readers] == self._counts
 
     def before_issue(self, call: Call) -> None:
         """Raise if anything reached a group since the last issue; call right before issuing."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TYPE_CHECKING
 
@@ -139,17 +139,18 @@ def op_name(fn: Callable[..., Any], kwargs: dict[str, Any] | None = None) -> str
     return getattr(fn, "__name__", repr(fn))
 
 
-def _only_plain_tensors(value: Any, device: torch.device | None, depth: int = 3) -> bool:
-    """Whether every tensor in ``value`` (nested lists, tuples, dicts) is a plain
-    Tensor, on the CPU or on ``device`` (the CUDA device of the call's stream)."""
-    if isinstance(value, torch.Tensor):
-        return type(value) is torch.Tensor and (not value.is_cuda or value.device == device)
-    if isinstance(value, (list, tuple)):
-        return depth > 0 and all(_only_plain_tensors(v, device, depth - 1) for v in value)
-    if isinstance(value, dict):
-        return depth > 0 and all(
-            _only_plain_tensors(v, device, depth - 1) for v in value.values()
-        )
+def _only_plain_tensors(values: Iterable[Any], device: torch.device | None, depth: int = 2) -> bool:
+    """Whether every tensor in ``values`` (and in lists, tuples and dicts in them,
+    ``depth`` deep) is a plain Tensor, on the CPU or on ``device`` (the CUDA
+    device of the call's stream)."""
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            if type(value) is not torch.Tensor or (value.is_cuda and value.device != device):
+                return False
+        elif isinstance(value, (list, tuple, dict)):
+            inner = value.values() if isinstance(value, dict) else value
+            if not depth or not _only_plain_tensors(inner, device, depth - 1):
+                return False
     return True
 
 
@@ -182,7 +183,7 @@ def issue_runs_torch_only(call: Call) -> bool:
     if user_code_may_run():
         return False
     stream = call.cuda_stream
-    return _only_plain_tensors(call.kwargs, None if stream is None else stream.device)
+    return _only_plain_tensors(call.kwargs.values(), None if stream is None else stream.device)
 
 
 @dataclass

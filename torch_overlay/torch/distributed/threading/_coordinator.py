@@ -252,7 +252,7 @@ class Coordinator:
             self._check.before_issue(self._turn.issued, call)
         if key is None:
             self._issuer.check(call)
-            box.replies.put(self._issuer.issue(call))
+            box.replies.put(self._issuer.issue(call, on_worker=False))
         else:
             self._held.add(box, call, key)
 
@@ -261,7 +261,7 @@ class Coordinator:
         if len(held) == 1:
             box, call = held[0]
             self._issuer.check(call)
-            box.replies.put(self._issuer.issue(call))
+            box.replies.put(self._issuer.issue(call, on_worker=False))
             return
         replies = self._issuer.issue_coalesced([call for _, call in held])
         for (box, _), reply in zip(held, replies, strict=True):

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import copy
 import logging
-import threading
 from typing import TYPE_CHECKING
 
+import torch.autograd.profiler as autograd_profiler
 from torch.distributed.distributed_c10d import _collective_hook
 
 from ._coalescing import issue_coalesced
@@ -62,7 +62,6 @@ class Issuer:
 
     def __init__(self, detector: BypassDetector | None) -> None:
         self._detector = detector
-        self._coordinator = threading.get_ident()
 
     def clear_to_issue(self) -> bool:
         """On a worker holding the turn: whether to issue (else the coordinator raises)."""
@@ -78,18 +77,21 @@ class Issuer:
         if self._detector is not None:
             self._detector.before_issue(call)
 
-    def issue(self, call: Call, *, own: bool = False) -> Reply:
+    def issue(self, call: Call, *, on_worker: bool, own: bool = False) -> Reply:
         """Issue ``call`` on this thread, which holds the turn and has checked the
-        window; ``own``: the calling worker issues its own call."""
-        on_worker = threading.get_ident() != self._coordinator
+        window: a worker (``on_worker``), for its ``own`` call or another
+        item's, or the coordinating thread."""
         hook = _collective_hook.fn
         if on_worker:
             _collective_hook.fn = None  # issue for real, do not hand over again
-        reply = Reply()
         try:
-            with span("issue", call):
-                # Its own call, on its own thread, is in its own state already.
+            # Its own call, on its own thread, is in its own state already.
+            # (The profiler's flag first: a span, even a no-op, costs calls.)
+            if not autograd_profiler._is_profiler_enabled:
                 reply = Reply(call.plan.issue(call.fn, call.kwargs) if own else call.issue())
+            else:
+                with span("issue", call):
+                    reply = Reply(call.plan.issue(call.fn, call.kwargs) if own else call.issue())
         except BaseException as error:
             if not (on_worker or isinstance(error, Exception)):
                 raise  # the coordinating thread interrupted: the whole call stops

@@ -16,11 +16,7 @@ the turn.
 from __future__ import annotations
 
 import enum
-from typing import Generic, TYPE_CHECKING, TypeVar
-
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
+from typing import Generic, TypeVar
 
 
 __all__: list[str] = []
@@ -42,16 +38,15 @@ class Route(enum.Enum):
     ANY_HOLDER = enum.auto()
 
 
-def route(
-    *, only_enqueues: bool, coalesced: bool, runs_torch_only: Callable[[], bool]
-) -> Route:
+def route(*, only_enqueues: bool, coalesced: bool, runs_torch_only: bool = False) -> Route:
     """A call's route: ``only_enqueues`` (its issue returns once the work is
     queued), ``coalesced`` (the coordinator holds it back), and
-    ``runs_torch_only()`` (asked only when it matters: no user code runs on
-    its issue path)."""
+    ``runs_torch_only`` (no user code runs on its issue path). A worker
+    routes its call first without asking the last (its own worker issues it
+    if it takes the turn at once), and again with it if the call must wait."""
     if not only_enqueues or coalesced:
         return Route.COORDINATOR
-    return Route.ANY_HOLDER if runs_torch_only() else Route.OWN_WORKER
+    return Route.ANY_HOLDER if runs_torch_only else Route.OWN_WORKER
 
 
 class SlotCycle(Generic[_T]):

@@ -19,7 +19,9 @@ what a worker does outside an item is recorded only with
 ``torch.profiler.profile(experimental_config=torch._C._profiler.
 _ExperimentalConfig(profile_all_threads=True))``. With no profiler
 active, :func:`span` is one read of the flag ``torch.profiler`` sets when a
-profile starts, and returns a shared no-op context.
+profile starts, and returns a shared no-op context; the per-call paths
+(an issue, a wait) read that flag themselves first, since even a no-op
+context costs Python calls there.
 """
 
 from __future__ import annotations

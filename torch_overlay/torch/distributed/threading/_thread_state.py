@@ -121,9 +121,10 @@ class CallState(NamedTuple):
 
     @staticmethod
     def capture() -> CallState:
-        return CallState(
-            ThreadState.capture(), get_sequence_nr(), (*_function_modes(), *_dispatch_modes())
-        )
+        modes: tuple[Any, ...] = ()
+        if torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack():
+            modes = (*_function_modes(), *_dispatch_modes())
+        return CallState(ThreadState.capture(), get_sequence_nr(), modes)
 
 
 class Issuing:

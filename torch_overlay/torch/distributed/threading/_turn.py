@@ -121,6 +121,7 @@ class Turn:
         self._issued = 0  # calls issued (or held to be coalesced) so far
         # The coordinating thread, in every issue's debug log: a nested call's can be told apart.
         self._coordinator = threading.get_ident()
+        self._log_issues = logger.isEnabledFor(logging.DEBUG)
         self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
 
     @property
@@ -301,13 +302,11 @@ class Turn:
             for box in self._cycle.items():
                 assert (box.pending is None) == (box.state is not BoxState.PENDING), box
 
-    def _count(self, call: Call) -> int:
-        """Under the lock: the next issue number."""
-        if logger.isEnabledFor(logging.DEBUG):
+    def _count(self, call: Call) -> None:
+        """Under the lock: number the issue (in the debug log, when on as the call began)."""
+        if self._log_issues:
             logger.debug(
                 "issue #%d: item %d call %d %s", self._issued, call.item, call.seq, call.name,
                 extra={"coordinator": self._coordinator},
             )
-        number = self._issued
         self._issued += 1
-        return number

@@ -17,6 +17,7 @@ import threading
 from typing import Any, TYPE_CHECKING
 
 import torch
+import torch.autograd.profiler as autograd_profiler
 import torch.distributed.distributed_c10d as c10d
 from torch.distributed.distributed_c10d import _collective_hook
 
@@ -65,15 +66,9 @@ _TRACING_MODES = (
 
 
 def _tracing() -> bool:
-    if not torch._C._len_torch_dispatch_stack():  # counts these modes too; the common case
-        return False
+    """Whether a tracing mode is active; ask only with a dispatch mode on the stack."""
     get_mode = torch._C._get_dispatch_mode
     return any(get_mode(key) is not None for key in _TRACING_MODES)
-
-
-def _capturing_cuda_graph() -> bool:
-    """Whether this thread captures a CUDA graph: another item's call must not join it."""
-    return cuda_is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def worker_hook(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
@@ -88,7 +83,7 @@ def worker_hook(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
     assert worker is not None
     if fn is c10d._coalescing_manager:
         raise coalescing_manager_error("cannot be used on a worker thread")
-    if _tracing():
+    if torch._C._len_torch_dispatch_stack() and _tracing():
         _collective_hook.fn = None
         try:
             return fn(**kwargs)
@@ -168,21 +163,25 @@ class Worker:
         if box.cancelled:
             raise _cancelled(box)
         plan = plan_for(fn, kwargs)
-        stream = torch.cuda.current_stream() if cuda_is_initialized() else None
+        # (``_initialized`` first: no call on the CPU.)
+        stream = (
+            torch.cuda.current_stream()
+            if torch.cuda._initialized and cuda_is_initialized() else None
+        )
         # A coordinated function, user code, runs in a copy of the item's context.
         context = contextvars.copy_context() if fn is call_coordinated else None
         call = Call(fn, kwargs, plan, box.index, box.calls, stream, None, context)
-        call_route = route(
-            only_enqueues=plan.worker_may_issue,
-            coalesced=self._coalesce and coalescing_key(call) is not None,
-            runs_torch_only=lambda: issue_runs_torch_only(call),
-        )
+        coalesced = self._coalesce and coalescing_key(call) is not None
+        call_route = route(only_enqueues=plan.worker_may_issue, coalesced=coalesced)
         box.calls += 1
         self.waiting_on, self.waiting_for_issue = call, True
         try:
             posted = self._turn.post(box, call, call_route)
-            if posted is Posted.NEEDS_STATE:
+            if posted is Posted.NEEDS_STATE:  # it waits: another thread may issue it
                 call.state = CallState.capture()
+                if call_route is Route.OWN_WORKER:
+                    call_route = route(only_enqueues=True, coalesced=False,
+                                       runs_torch_only=issue_runs_torch_only(call))
                 posted = self._turn.post(box, call, call_route)
             if posted is Posted.CANCELLED:
                 raise _cancelled(box)
@@ -198,6 +197,8 @@ class Worker:
             self.waiting_on, self.waiting_for_issue = None, False
 
     def _wait(self, call: Call, box: Mailbox) -> Message:
+        if not autograd_profiler._is_profiler_enabled:  # a span, even a no-op, costs calls
+            return box.replies.get()
         with span("wait", call.name):
             return box.replies.get()
 
@@ -220,7 +221,7 @@ class Worker:
             self._turn.hand_back(box, call)
             return self._outcome(box, call, self._wait(call, box))
         self.waiting_for_issue = False
-        reply = self._issuer.issue(call, own=True)
+        reply = self._issuer.issue(call, on_worker=True, own=True)
         self._serve_then_pass(call)
         if reply.error is not None:
             raise reply.error
@@ -229,12 +230,14 @@ class Worker:
     def _serve_then_pass(self, issued: Call) -> None:
         """Advance the turn after ``issued``, serving the calls at the next
         positions that any holder may issue, until the turn passes on."""
-        may_serve = not _capturing_cuda_graph()
+        # Another item's call must not join a CUDA graph this thread captures
+        # (no stream: CUDA was not initialized at the call, so nothing is).
+        may_serve = issued.cuda_stream is None or not torch.cuda.is_current_stream_capturing()
         while isinstance(taken := self._turn.advance(issued, may_serve), Serve):
             if not self._issuer.clear_to_issue():
                 self._turn.hand_back(taken.box, taken.call)
                 return
-            self._turn.reply(taken.box, self._issuer.issue(taken.call))
+            self._turn.reply(taken.box, self._issuer.issue(taken.call, on_worker=True))
             issued = taken.call
 
     def describe(self) -> str:
