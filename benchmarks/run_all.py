@@ -23,6 +23,7 @@ def main() -> None:
         ["bench_workload.py", "--device", args.device, *smoke],
         ["bench_overhead.py", *smoke],
         ["bench_throughput.py", *smoke],
+        ["bench_round_trip.py", *smoke],
         ["bench_scaling.py", *smoke],
         ["bench_compile.py", *smoke],
         ["bench_instructions.py", *smoke],
