@@ -17,23 +17,20 @@ its matmuls, so threads have little to add.
 Both loops run on every rank in rounds, back to back, for ``--seconds``
 (default 20) or ``--repeat`` rounds; every rank checks that ``parallel_map``'s
 results equal its serial loop's in every round. Rank 0 prints each rank's
-median times and the median of the rounds' own speedups: on a virtual machine
+median times and the median of the rounds' own ratios: on a virtual machine
 whose single-thread speed changes within seconds, a ratio taken within one
-round is what stays put. Each round also times raw threads of pure Python
-against one thread, to show what threads can give on the machine right then.
+round is what stays put.
 
-Why rounds, and the last column: on the 2-core virtual machine this was
-written on, the speed of one busy thread flips between two states that last
-from seconds to tens of seconds (a pass over the six layers takes 34-40 ms in
-one and 56-62 ms in the other), and what two threads give moves with them. A
-speedup taken as a ratio of medians over a couple of seconds therefore changed
-from run to run. Each round now runs both loops back to back, and the speedup
-is the median of the rounds' own ratios. The last column times two raw threads
-of private pure Python against one thread in the same rounds (about 10 ms per
-thread; an earlier probe of about 2 ms per thread was replaced), so each run
-shows what threads could give on the machine at that moment. In eleven runs
-with that probe the demo's speedup was 0.88-1.04 of the pure-Python threads':
-it follows what the machine gives threads.
+Each round also runs the same items on as many raw threads, unordered, with
+no schedule: the reference for what threads give this item on this machine
+now, whatever the schedule costs. Free-threaded reference counting of objects
+that several threads share, or that another thread made, can make an item's
+Python slower on two threads than on one, so the reference is the item
+itself, not some other Python. At world size 1 the raw threads run the item
+as it is (a collective of one rank gives the same result in any order); with
+more ranks, unordered collectives would pair wrongly across ranks, so they
+run it without its collectives (a collective hook on those threads skips
+them; the column says so).
 
 What rank 0 prints, column by column:
 
@@ -41,12 +38,12 @@ What rank 0 prints, column by column:
   faster of the loop run with the rank's cores as intra-op threads and with
   the workers' count (cores per rank // max_workers, at least 1), since small
   kernels can be slower split over threads; ``parallel_map`` gives each
-  worker that count.
+  worker that count, and so do the raw threads.
 - ``speedup``: the median of each round's serial / parallel_map, and
   ``middle half``: the middle half of those ratios.
-- ``pure-Python threads``: as many raw threads of private pure Python as the
-  rank has cores (or workers, if fewer) against one, in the same rounds: what
-  threads give on this machine now.
+- ``raw threads``: the median of each round's serial / raw threads.
+- ``of raw``: the median of each round's raw threads / parallel_map time: the
+  share of what threads give this item that ``parallel_map`` keeps.
 - ``results``: on every rank, ``parallel_map``'s results equal the serial
   loop's, every round.
 
@@ -72,6 +69,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _collective_hook
 from torch.distributed.threading import parallel_map
 
 from _launch import gil_enabled, interpreter_summary, run_ranks
@@ -97,37 +95,29 @@ def _loop(workload: str, items: int) -> tuple[Callable[..., Any], Sequence[Seque
     return work, ([work.item_input(i) for i in range(items)],)
 
 
-class _PurePythonThreads:
-    """Private pure Python on ``workers`` raw threads against the same work on one.
+def _skip_collective(fn: Callable[..., Any], /, **kwargs: Any) -> None:
+    """A collective hook that issues nothing (for the raw threads at world size > 1)."""
+    return None
 
-    What threads can give on this machine at this moment, measured in the same
-    rounds as the demo's loops: on the 2-core virtual machine this was written
-    on, whose cores change speed from second to second, two threads reached
-    1.4-1.9x in five demo runs of 20 s each.
-    """
 
-    _STEPS = 150_000  # about 10 ms on this machine
+class _RawThreads:
+    """The items on raw threads, unordered: what threads give this item (see the module doc)."""
 
-    def __init__(self, workers: int) -> None:
-        self._workers = workers
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="demo-pure-python")
+    def __init__(self, workers: int, intra_op_threads: int, with_collectives: bool) -> None:
+        self._intra_op_threads = intra_op_threads
+        self._with_collectives = with_collectives
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="demo-raw-thread",
+                                        initializer=self._enter)
 
-    @staticmethod
-    def _work(steps: int) -> int:
-        total = 0
-        for i in range(steps):
-            total += i * i % 7
-        return total
+    def _enter(self) -> None:
+        torch.set_num_threads(self._intra_op_threads)  # as parallel_map's workers
+        if not self._with_collectives:
+            _collective_hook.fn = _skip_collective
 
-    def ratio(self) -> float:
-        """One serial-then-threads round: serial time over threads time."""
+    def seconds(self, fn: Callable[..., Any], lists: Sequence[Sequence[Any]]) -> float:
         start = time.perf_counter()
-        for _ in range(self._workers):
-            self._work(self._STEPS)
-        serial = time.perf_counter() - start
-        start = time.perf_counter()
-        list(self._pool.map(self._work, [self._STEPS] * self._workers))
-        return serial / (time.perf_counter() - start)
+        list(self._pool.map(fn, *lists))
+        return time.perf_counter() - start
 
     def close(self) -> None:
         self._pool.shutdown()
@@ -177,22 +167,20 @@ def _rank_body(workload: str, items: int, max_workers: int, repeat: int | None,
     thread_counts = sorted({cores_per_rank, worker_threads})
     serial_times: dict[int, list[float]] = {n: [] for n in thread_counts}
     parallel_times: list[float] = []
-    # As many pure-Python threads as the rank has cores (or workers, if
-    # fewer): more would only lengthen each round.
-    pure_python = _PurePythonThreads(min(max_workers, cores_per_rank))
-    pure_python_ratios: list[float] = []
+    raw = _RawThreads(max_workers, worker_threads, with_collectives=dist.get_world_size() == 1)
+    raw_times: list[float] = []
     for n in thread_counts:  # warm-up
         torch.set_num_threads(n)
         list(map(fn, *lists))
     torch.set_num_threads(cores_per_rank)
     parallel_map(fn, *lists, max_workers=max_workers)
+    raw.seconds(fn, lists)
     # Each round runs every variant back to back, and the speedup is the median
     # over rounds of each round's own ratio: this virtual machine's speed of one
     # busy thread changes by up to 2x within seconds, which a ratio of medians
     # taken over a few seconds turns into a different answer on every run.
     try:
         for _ in _rounds(repeat, seconds):
-            pure_python_ratios.append(pure_python.ratio())
             # Most threads first: idle OpenMP threads spin for a while after a
             # parallel region, which should not land on a loop that runs threads.
             for n in reversed(thread_counts):
@@ -204,36 +192,48 @@ def _rank_body(workload: str, items: int, max_workers: int, repeat: int | None,
             t0 = time.perf_counter()
             parallel = parallel_map(fn, *lists, max_workers=max_workers)
             parallel_times.append(time.perf_counter() - t0)
+            raw_times.append(raw.seconds(fn, lists))
             if parallel != expected:
                 raise SystemExit(f"rank {rank}: parallel_map results {parallel} differ from "
                                  f"the serial loop's {expected}")
     finally:
-        pure_python.close()
+        raw.close()
     best = min(thread_counts, key=lambda n: statistics.median(serial_times[n]))
     ratios = [s / p for s, p in zip(serial_times[best], parallel_times, strict=True)]
+    raw_speedups = [s / r for s, r in zip(serial_times[best], raw_times, strict=True)]
+    of_raw = [r / p for r, p in zip(raw_times, parallel_times, strict=True)]
     outcomes: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(outcomes, (gil_enabled(), best, statistics.median(serial_times[best]),
                                       statistics.median(parallel_times), statistics.median(ratios),
-                                      _middle_half(ratios), statistics.median(pure_python_ratios)))
+                                      _middle_half(ratios), statistics.median(raw_speedups),
+                                      statistics.median(of_raw)))
     if rank == 0:
+        raw_label = "raw threads" if dist.get_world_size() == 1 else "raw, no collective"
         print(DESCRIPTIONS[workload])
         print(f"{interpreter_summary()}; world size {dist.get_world_size()}, {items} items, "
               f"max_workers={max_workers}, {cores_per_rank} core(s) per rank, "
               f"{len(parallel_times)} rounds")
         print(f"{'rank':>4}  {'GIL':3}  {'serial':>9}  {'parallel_map':>12}  {'speedup':>7}  "
-              f"{'middle half':>11}  {'pure-Python threads':>19}")
-        for r, (gil, _, serial_s, parallel_s, speedup, (low, high), pure) in enumerate(outcomes):
+              f"{'middle half':>11}  {raw_label:>18}  {'of raw':>6}")
+        for r, (gil, _, serial_s, parallel_s, speedup, (low, high), raw_speedup,
+                share) in enumerate(outcomes):
             print(f"{r:>4}  {'on' if gil else 'off':3}  {serial_s * 1e3:6.1f} ms  "
                   f"{parallel_s * 1e3:9.1f} ms  {speedup:6.2f}x  {low:5.2f}-{high:.2f}x  "
-                  f"{pure:18.2f}x")
+                  f"{raw_speedup:17.2f}x  {share:6.2f}")
         used = sorted({n for _, n, *_ in outcomes})
         print("times: medians over rounds; speedup: the median of each round's serial / "
               "parallel_map, and the middle half of those ratios")
-        print(f"pure-Python threads: {min(max_workers, cores_per_rank)} raw threads of private "
-              "pure Python against one, in the same rounds: what threads give on this machine now")
+        if dist.get_world_size() == 1:
+            print(f"raw threads: the same items on {max_workers} raw threads, unordered (safe "
+                  "at world size 1 only), the median of each round's serial / raw threads")
+        else:
+            print(f"raw, no collective: the same items on {max_workers} raw threads without "
+                  "their collectives (unordered collectives would pair wrongly across ranks)")
+        print("of raw: the median of each round's raw threads / parallel_map time: the share "
+              "of what threads give this item that parallel_map keeps")
         print(f"serial: the faster of the loop with {' and '.join(map(str, thread_counts))} "
-              f"intra-op thread(s) (here {' / '.join(map(str, used))}); parallel_map: "
-              f"{worker_threads} per worker")
+              f"intra-op thread(s) (here {' / '.join(map(str, used))}); parallel_map and raw "
+              f"threads: {worker_threads} per worker")
         print(f"results: on every rank, parallel_map's {items} results equal the serial "
               "loop's, every round")
 

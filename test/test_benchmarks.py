@@ -14,7 +14,7 @@ def test_benchmarks_smoke():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for title in ("## workload", "## interception overhead", "## coordinator throughput",
-                  "## scaling", "## schedule trace"):
+                  "## round-trip overlap", "## scaling", "## schedule trace"):
         assert title in out.stdout, title
 
 
@@ -32,6 +32,8 @@ def test_demo_both_workloads_two_ranks():
         assert len(rows) == 2, out.stdout
         assert f"{rounds} rounds" in out.stdout, out.stdout
         assert "results equal the serial loop's" in out.stdout, out.stdout
+        # The reference: the same items on raw threads, at world 2 without their collectives.
+        assert "raw, no collective" in out.stdout and "of raw" in out.stdout, out.stdout
 
 
 def test_demo_refuses_an_empty_measurement():
