@@ -1,7 +1,10 @@
 # Owner(s): ["oncall: distributed"]
 """The per-thread collective hook in distributed_c10d.py and _functional_collectives.py."""
 
+import ast
+import re
 import inspect
+import textwrap
 import threading
 import warnings
 
@@ -140,6 +143,38 @@ class CollectiveHookTest(TestCase):
             source = inspect.getsource(inspect.unwrap(fn))
             if "_collective_hook.fn" in source:
                 self.assertIn(name, covered)
+
+    def test_every_public_function_that_communicates_calls_the_hook(self):
+        # A public c10d function that calls a collective method of a process
+        # group (one that returns a Work) itself must hand the call to the
+        # hook: one that did not would reach the group unseen by the hook's
+        # owner. The methods come from the bindings, so a new one counts too.
+        returns_work = re.compile(r"-> (c10d::|torch\._C\._distributed_c10d\.)Work\b")
+        collectives = {
+            name
+            for owner in (dist.ProcessGroup, torch._C._distributed_c10d.Backend)
+            for name, method in vars(owner).items()
+            if returns_work.search(getattr(method, "__doc__", None) or "")
+        }
+        self.assertIn("allreduce", collectives)
+        unhooked = []
+        for name in c10d.__all__:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # deprecated names
+                fn = getattr(c10d, name)
+            if not inspect.isfunction(fn):
+                continue
+            source = textwrap.dedent(inspect.getsource(inspect.unwrap(fn)))
+            calls = {
+                node.func.attr
+                for node in ast.walk(ast.parse(source))
+                if isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in collectives
+            }
+            if calls and "_collective_hook.fn" not in source:
+                unhooked.append(f"{name} (calls {', '.join(sorted(calls))})")
+        self.assertEqual(unhooked, [], "public c10d functions that communicate without the hook")
 
     def test_hook_is_per_thread(self):
         seen = []
