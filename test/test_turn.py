@@ -94,6 +94,25 @@ def test_a_call_taken_to_serve_and_handed_back_after_the_stop_is_cancelled() -> 
     assert second.replies.empty()
 
 
+def test_a_call_without_its_state_never_waits() -> None:
+    # A worker posts its call first without its state, routed before it knows
+    # whether any holder may issue it; such a call may only take the turn. One
+    # that would wait is refused (NEEDS_STATE) and nothing of it is queued, so
+    # it is queued only once posted again with its state and its full route.
+    turn = Turn(workers_may_hold=True)
+    first, second = Mailbox(0, 0, None), Mailbox(1, 1, None)
+    turn.fill([first, second])
+    unrouted = route(only_enqueues=True, coalesced=False)
+    waiting = _call(second, 0)  # not at the position, coordinator holding: it would wait
+    assert turn.post(second, waiting, unrouted) is Posted.NEEDS_STATE
+    assert second.pending is None and second.state is BoxState.RUNNING
+    assert turn.take([]) == (first, None)  # the turn opens at item 0
+    own = _call(first, 0)  # at the open position: its worker takes the turn, no state needed
+    assert turn.post(first, own, unrouted) is Posted.HOLD_TURN
+    assert own.state is None
+    turn.check_invariants()
+
+
 class W(enum.Enum):
     READY = enum.auto()  # runs fn; posts its next event when it likes
     WAITING = enum.auto()  # posted a call, waits for a message

@@ -231,8 +231,8 @@ class Worker:
         """Advance the turn after ``issued``, serving the calls at the next
         positions that any holder may issue, until the turn passes on."""
         # Another item's call must not join a CUDA graph this thread captures
-        # (no stream: CUDA was not initialized at the call, so nothing is).
-        may_serve = issued.cuda_stream is None or not torch.cuda.is_current_stream_capturing()
+        # (``_initialized`` first: no call on the CPU).
+        may_serve = not (torch.cuda._initialized and torch.cuda.is_current_stream_capturing())
         while isinstance(taken := self._turn.advance(issued, may_serve), Serve):
             if not self._issuer.clear_to_issue():
                 self._turn.hand_back(taken.box, taken.call)
