@@ -127,8 +127,11 @@ class TestThreadLocalState(TestCase):
             own = _ThreadLocalState()
             _set_thread_local_state(state)
             try:
-                inside = (torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"),
-                          (x @ x).dtype)
+                inside = (
+                    torch.is_grad_enabled(),
+                    torch.is_autocast_enabled("cpu"),
+                    (x @ x).dtype,
+                )
                 with torch.enable_grad():
                     (x * x).sum()  # saves x twice, through the hook
             finally:

@@ -75,7 +75,12 @@ _FUNCOL_CALLS = [
     ("reduce_scatter_single", funcol.reduce_scatter_single, (_t(), "sum", 0, [0]), {}),
     ("reduce_scatter_single", funcol.reduce_scatter_tensor, (_t(), "sum", 0, [0]), {}),
     ("all_reduce_coalesced", funcol.all_reduce_coalesced, ([_t()], "sum", [0]), {}),
-    ("all_gather_single_coalesced", funcol.all_gather_single_coalesced, ([_t()], [0]), {}),
+    (
+        "all_gather_single_coalesced",
+        funcol.all_gather_single_coalesced,
+        ([_t()], [0]),
+        {},
+    ),
     (
         "reduce_scatter_single_coalesced",
         funcol.reduce_scatter_single_coalesced,
@@ -174,7 +179,9 @@ class CollectiveHookTest(TestCase):
             }
             if calls and "_collective_hook.fn" not in source:
                 unhooked.append(f"{name} (calls {', '.join(sorted(calls))})")
-        self.assertEqual(unhooked, [], "public c10d functions that communicate without the hook")
+        self.assertEqual(
+            unhooked, [], "public c10d functions that communicate without the hook"
+        )
 
     def test_hook_is_per_thread(self):
         seen = []

@@ -29,7 +29,10 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.distributed_c10d import _collective_hook
 from torch.distributed.threading import _pool, coordinated, item_generator, parallel_map
-from torch.testing._internal.common_distributed import MultiProcessTestCase, skip_if_lt_x_gpu
+from torch.testing._internal.common_distributed import (
+    MultiProcessTestCase,
+    skip_if_lt_x_gpu,
+)
 from torch.testing._internal.common_utils import run_tests, TestCase
 
 
@@ -87,11 +90,18 @@ class _ParallelMapTestBase(MultiProcessTestCase):
 
     def _init(self, backend="gloo", timeout=None):
         store = dist.FileStore(self.file_name, self.world_size)
-        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
-                                **({"timeout": timeout} if timeout else {}))
+        dist.init_process_group(
+            backend,
+            store=store,
+            rank=self.rank,
+            world_size=self.world_size,
+            **({"timeout": timeout} if timeout else {}),
+        )
         torch.set_num_threads(1)
         if sysconfig.get_config_var("Py_GIL_DISABLED"):
-            self.assertFalse(sys._is_gil_enabled(), "free-threaded build with the GIL on")
+            self.assertFalse(
+                sys._is_gil_enabled(), "free-threaded build with the GIL on"
+            )
         warnings.simplefilter("ignore", FutureWarning)  # deprecated aliases under test
 
     def _assert_same_on_every_rank(self, value):
@@ -104,7 +114,9 @@ class _ParallelMapTestBase(MultiProcessTestCase):
         # Worker threads may stay for the next call, idle in the pool: no item,
         # no hook (the hook is per thread: cleared by each worker as it idles).
         self.assertIsNone(_collective_hook.fn)
-        workers = [t for t in threading.enumerate() if t.name.startswith("parallel_map")]
+        workers = [
+            t for t in threading.enumerate() if t.name.startswith("parallel_map")
+        ]
         self.assertEqual(len(workers), _pool.pool.idle_count())
 
 
@@ -163,7 +175,9 @@ class _TestsForEveryWorldSize:
             dist.all_to_all(ts, [_full(1000 * i + 10 * r + q) for q in range(ws)])
             out["all_to_all"] = torch.cat(ts)
             t = _full(-1, 2 * ws)
-            dist.all_to_all_single(t, torch.cat([_full(1000 * i + 10 * r + q) for q in range(ws)]))
+            dist.all_to_all_single(
+                t, torch.cat([_full(1000 * i + 10 * r + q) for q in range(ws)])
+            )
             out["all_to_all_single"] = t
             dist.barrier()
             dist.barrier(async_op=True).wait()
@@ -244,13 +258,15 @@ class _TestsForEveryWorldSize:
             with self.subTest(max_workers=max_workers), _recording_schedule() as issued:
                 results = parallel_map(item, range(12), max_workers=max_workers)
                 expected = [
-                    [float(ws * (i * 10 + k) + ws * (ws - 1) // 2) for k in range((i * 7) % 5)]
+                    [
+                        float(ws * (i * 10 + k) + ws * (ws - 1) // 2)
+                        for k in range((i * 7) % 5)
+                    ]
                     for i in range(12)
                 ]
                 self.assertEqual(results, expected)
                 self._assert_same_on_every_rank((max_workers, issued))
         self._assert_clean()
-
 
     def test_coalesced_all_reduces_under_random_delays(self):
         self._init()
@@ -268,7 +284,11 @@ class _TestsForEveryWorldSize:
         def expected(i, k):
             dtype, shape, op = kinds[(i * 3 + k) % len(kinds)]
             base = i * 10 + k
-            value = base + ws - 1 if op == dist.ReduceOp.MAX else ws * base + ws * (ws - 1) // 2
+            value = (
+                base + ws - 1
+                if op == dist.ReduceOp.MAX
+                else ws * base + ws * (ws - 1) // 2
+            )
             return torch.full(shape, value, dtype=dtype)
 
         def item(i):
@@ -286,8 +306,9 @@ class _TestsForEveryWorldSize:
         for max_workers in (2, 3, 8):
             with self.subTest(max_workers=max_workers), _recording_schedule() as issued:
                 before = group._get_sequence_number_for_group()
-                results = parallel_map(item, range(10), max_workers=max_workers,
-                                       coalesce_all_reduces=True)
+                results = parallel_map(
+                    item, range(10), max_workers=max_workers, coalesce_all_reduces=True
+                )
                 collectives = group._get_sequence_number_for_group() - before
                 for i, out in enumerate(results):
                     self.assertEqual(out, [expected(i, k) for k in range(i % 4 + 1)])
@@ -366,7 +387,9 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
             out["broadcast_object_list"] = objs
             received = [None]
             dist.scatter_object_list(
-                received, [("s", i, q) for q in range(ws)] if r == root else None, src=root
+                received,
+                [("s", i, q) for q in range(ws)] if r == root else None,
+                src=root,
             )
             out["scatter_object_list"] = received
             if r == root:
@@ -392,8 +415,12 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
                 expected["recv_object_list"] = [("p2p", i)]
             self.assertEqual(out, expected, f"item {i}")
         # send/recv_object_list run on one rank or the other: compare the rest.
-        shared = [(i, op) for i, _, op in issued if not op.endswith("object_list")
-                  or op in ("broadcast_object_list", "scatter_object_list")]
+        shared = [
+            (i, op)
+            for i, _, op in issued
+            if not op.endswith("object_list")
+            or op in ("broadcast_object_list", "scatter_object_list")
+        ]
         self._assert_same_on_every_rank(shared)
         self._assert_clean()
 
@@ -447,13 +474,20 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
                     torch.cat([_full(v + q) for q in range(ws)]), "sum", 0, world
                 ),
                 "all_to_all": funcol.all_to_all_single(
-                    torch.cat([_full(1000 * i + 10 * r + q) for q in range(ws)]), None, None, world
+                    torch.cat([_full(1000 * i + 10 * r + q) for q in range(ws)]),
+                    None,
+                    None,
+                    world,
                 ),
-                "coalesced": torch.cat(funcol.all_reduce_coalesced([_full(v), _full(v)], "sum", world)),
+                "coalesced": torch.cat(
+                    funcol.all_reduce_coalesced([_full(v), _full(v)], "sum", world)
+                ),
             }
             x = torch.arange(4 * ws, dtype=torch.float32) + i  # same on every rank
             d = distribute_tensor(x, mesh, [Shard(0)])
-            out["dtensor_replicate"] = (d * 2).redistribute(mesh, [Replicate()]).to_local()
+            out["dtensor_replicate"] = (
+                (d * 2).redistribute(mesh, [Replicate()]).to_local()
+            )
             out["dtensor_sum"] = d.sum().full_tensor()
             return {k: torch.as_tensor(v).clone() for k, v in out.items()}
 
@@ -468,7 +502,9 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
                     "broadcast": _full(i * 100 + i % ws),
                     "all_gather": torch.cat([_full(i * 100 + q) for q in range(ws)]),
                     "reduce_scatter": _full(total + ws * r),
-                    "all_to_all": torch.cat([_full(1000 * i + 10 * q + r) for q in range(ws)]),
+                    "all_to_all": torch.cat(
+                        [_full(1000 * i + 10 * q + r) for q in range(ws)]
+                    ),
                     "coalesced": torch.cat([_full(total), _full(total)]),
                     "dtensor_replicate": x * 2,
                     "dtensor_sum": x.sum(),
@@ -526,8 +562,12 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
 
         results = parallel_map(item, range(8), max_workers=4, coalesce_all_reduces=True)
         expected = [
-            [i * 10 + k + r if (i + k) % 2 else ws * (i * 10 + k) + ws * (ws - 1) // 2
-             for k in range(4)]
+            [
+                i * 10 + k + r
+                if (i + k) % 2
+                else ws * (i * 10 + k) + ws * (ws - 1) // 2
+                for k in range(4)
+            ]
             for i in range(8)
         ]
         self.assertEqual(results, expected)
@@ -538,6 +578,7 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         ws = self.world_size
 
         for failing, max_workers in ((0, 2), (3, 2), (5, 3), (2, 8)):
+
             def item(i, failing=failing):
                 t = _full(i)
                 dist.all_reduce(t)
@@ -547,7 +588,9 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
                 return t[0].item()
 
             with self.subTest(failing=failing), _recording_schedule() as issued:
-                with self.assertRaisesRegex(ValueError, f"item {failing} failed") as caught:
+                with self.assertRaisesRegex(
+                    ValueError, f"item {failing} failed"
+                ) as caught:
                     parallel_map(item, range(8), max_workers=max_workers)
                 self._assert_same_on_every_rank((str(caught.exception), issued))
                 # The process group is still in step: a later collective matches.
@@ -598,7 +641,9 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
             results = parallel_map(outer, range(4), max_workers=2)
         for i, (mine, nested) in enumerate(results):
             self.assertEqual(mine, ws * i * 100 + ws * (ws - 1) // 2)
-            self.assertEqual(nested, [ws * j + ws * (ws - 1) // 2 for j in range(i, i + 3)])
+            self.assertEqual(
+                nested, [ws * j + ws * (ws - 1) // 2 for j in range(i, i + 3)]
+            )
         self._assert_same_on_every_rank(issued)
         self._assert_clean()
 
@@ -618,10 +663,14 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
 
         # Agreeing schedules pass, explicitly and through TORCH_DISTRIBUTED_DEBUG=DETAIL.
         expected = [2 * i + 1 for i in range(4)]
-        self.assertEqual(parallel_map(same, range(4), max_workers=2, check_schedule=True), expected)
+        self.assertEqual(
+            parallel_map(same, range(4), max_workers=2, check_schedule=True), expected
+        )
         dist.set_debug_level(dist.DebugLevel.DETAIL)
         try:
-            with self.assertRaisesRegex(RuntimeError, r"max_workers=2; rank 1: max_workers=3"):
+            with self.assertRaisesRegex(
+                RuntimeError, r"max_workers=2; rank 1: max_workers=3"
+            ):
                 parallel_map(same, range(4), max_workers=2 + r)
         finally:
             dist.set_debug_level(dist.DebugLevel.OFF)
@@ -630,7 +679,9 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
             r"rank 0: item 1 call 0: all_reduce \(tensor \[2\] torch.float32\); "
             r"rank 1: item 1 call 0: broadcast",
         ):
-            parallel_map(differs_on_rank_1, range(4), max_workers=2, check_schedule=True)
+            parallel_map(
+                differs_on_rank_1, range(4), max_workers=2, check_schedule=True
+            )
         self._assert_clean()
 
     def test_refused_call_does_not_disturb_the_running_one(self):
@@ -652,8 +703,12 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         def other_thread():
             inside.wait(timeout=30)
             try:
-                parallel_map(lambda i: _all_reduce_value(i, r), range(4), max_workers=2,
-                             check_schedule=True)
+                parallel_map(
+                    lambda i: _all_reduce_value(i, r),
+                    range(4),
+                    max_workers=2,
+                    check_schedule=True,
+                )
             except RuntimeError as e:
                 refused.append(str(e))
             finally:
@@ -675,10 +730,16 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         self._init(timeout=datetime.timedelta(seconds=20))
         r = self.rank
         for max_workers in (2, 1):
-            with (self.subTest(max_workers=max_workers),
-                  self.assertRaisesRegex(RuntimeError, "schedules differ between ranks")):
-                parallel_map(lambda i: _all_reduce_value(i, r), range(1 + r),
-                             max_workers=max_workers, check_schedule=True)
+            with (
+                self.subTest(max_workers=max_workers),
+                self.assertRaisesRegex(RuntimeError, "schedules differ between ranks"),
+            ):
+                parallel_map(
+                    lambda i: _all_reduce_value(i, r),
+                    range(1 + r),
+                    max_workers=max_workers,
+                    check_schedule=True,
+                )
         self._assert_clean()
 
     def test_item_generators_agree_across_ranks(self):
@@ -725,7 +786,9 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
                 yield int(t[0].item())
 
         with _recording_schedule() as issued:
-            results = parallel_map(lambda x: _all_reduce_value(x, r), sampler(), max_workers=3)
+            results = parallel_map(
+                lambda x: _all_reduce_value(x, r), sampler(), max_workers=3
+            )
         self.assertEqual(results, [ws * i * 10 + ws * (ws - 1) // 2 for i in range(7)])
         self._assert_same_on_every_rank(issued)
         self._assert_clean()
@@ -758,14 +821,19 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
                 self.assertEqual(list(labels), list(serial_labels))
                 self._assert_same_on_every_rank(issued)
                 self.assertEqual(
-                    parallel_map(item, [7], "z", max_workers=max_workers), [serial(7, "z")]
+                    parallel_map(item, [7], "z", max_workers=max_workers),
+                    [serial(7, "z")],
                 )
-                self.assertEqual(parallel_map(item, [], "z", max_workers=max_workers), [])
+                self.assertEqual(
+                    parallel_map(item, [], "z", max_workers=max_workers), []
+                )
 
         # The multi_apply recipe of the docs: keyword arguments through partial,
         # one list per output.
         def multi_apply(func, *lists, **kwargs):
-            results = parallel_map(functools.partial(func, **kwargs), *lists, max_workers=2)
+            results = parallel_map(
+                functools.partial(func, **kwargs), *lists, max_workers=2
+            )
             return tuple(map(list, zip(*results, strict=True)))
 
         out_labels, values = multi_apply(item, range(5), "vwxyz", scale=2)
@@ -784,7 +852,9 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
             done.append(i)
             return item(i, label)
 
-        with self.assertRaisesRegex(ValueError, "argument 2 is shorter than argument 1"):
+        with self.assertRaisesRegex(
+            ValueError, "argument 2 is shorter than argument 1"
+        ):
             parallel_map(recording, range(6), "abcd", max_workers=2, strict=True)
         self.assertEqual(sorted(done), [0, 1, 2, 3])
         t = _full(r)  # the ranks are still in step
@@ -865,8 +935,11 @@ class ParallelMapCudaTest(_ParallelMapTestBase):
         streams = {stream for stream, _ in results}
         self.assertNotIn(caller_stream.stream_id, streams)
         self.assertLessEqual(len(streams), 3)
-        total = torch.stack([t for _, t in results]).sum(dim=0)  # on the caller's stream
-        self.assertEqual(total.cpu(), torch.full((4,), float(sum(2 * i + 1 for i in range(6)))))
+        # on the caller's stream
+        total = torch.stack([t for _, t in results]).sum(dim=0)
+        self.assertEqual(
+            total.cpu(), torch.full((4,), float(sum(2 * i + 1 for i in range(6))))
+        )
         self._assert_clean()
 
     @skip_if_lt_x_gpu(1)
@@ -901,14 +974,18 @@ class PublicApiTest(TestCase):
             ],
         )
         for name in module.__all__:
-            self.assertEqual(getattr(module, name).__module__, "torch.distributed.threading")
+            self.assertEqual(
+                getattr(module, name).__module__, "torch.distributed.threading"
+            )
         public = {n for n in dir(module) if not n.startswith("_")}
         self.assertEqual(public, set(module.__all__))
         for info in pkgutil.iter_modules(module.__path__):
             self.assertTrue(info.name.startswith("_"), f"public submodule {info.name}")
             # What a private module exports is public only through the package.
             sub = importlib.import_module(f"torch.distributed.threading.{info.name}")
-            self.assertLessEqual(set(getattr(sub, "__all__", [])), set(module.__all__), info.name)
+            self.assertLessEqual(
+                set(getattr(sub, "__all__", [])), set(module.__all__), info.name
+            )
 
     def test_imports_where_os_has_no_fork(self):
         # Windows has no os.register_at_fork; the package must import there too.

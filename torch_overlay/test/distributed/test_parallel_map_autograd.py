@@ -69,13 +69,19 @@ class _AutogradTestBase(MultiProcessTestCase):
 
     def _init(self):
         store = dist.FileStore(self.file_name, self.world_size)
-        dist.init_process_group("gloo", store=store, rank=self.rank, world_size=self.world_size)
+        dist.init_process_group(
+            "gloo", store=store, rank=self.rank, world_size=self.world_size
+        )
         torch.set_num_threads(1)
         if sysconfig.get_config_var("Py_GIL_DISABLED"):
-            self.assertFalse(sys._is_gil_enabled(), "free-threaded build with the GIL on")
+            self.assertFalse(
+                sys._is_gil_enabled(), "free-threaded build with the GIL on"
+            )
 
     def _leaves(self, n, size=2):
-        return [torch.ones(size, dtype=torch.float64, requires_grad=True) for _ in range(n)]
+        return [
+            torch.ones(size, dtype=torch.float64, requires_grad=True) for _ in range(n)
+        ]
 
     def _grads(self, leaves):
         return [leaf.grad.tolist() for leaf in leaves]
@@ -106,10 +112,14 @@ class ParallelMapBackwardOrderTest(_AutogradTestBase):
             return self._grads(leaves)
 
         expected = [[2.0 * i + 12] * 2 for i in range(6)]
-        self.assertEqual(run(lambda f, xs: [f(x) for x in xs], self._leaves(6)), expected)
+        self.assertEqual(
+            run(lambda f, xs: [f(x) for x in xs], self._leaves(6)), expected
+        )
         for max_workers in (2, 3, 6, 3, 2):
-            grads = run(lambda f, xs, w=max_workers: parallel_map(f, xs, max_workers=w),
-                        self._leaves(6))
+            grads = run(
+                lambda f, xs, w=max_workers: parallel_map(f, xs, max_workers=w),
+                self._leaves(6),
+            )
             self.assertEqual(grads, expected, f"max_workers={max_workers}")
 
     def test_a_functional_collectives_node_belongs_to_its_item(self):
@@ -138,10 +148,14 @@ class ParallelMapBackwardOrderTest(_AutogradTestBase):
         # identity's sums 5 (10, times 2): 26. Crossed pairings give 24.
         expected = [[26.0] * 2] * 4
         for max_workers in (2, 4, 2):
-            grads = run(lambda f, xs, w=max_workers: parallel_map(f, xs, max_workers=w),
-                        self._leaves(4))
+            grads = run(
+                lambda f, xs, w=max_workers: parallel_map(f, xs, max_workers=w),
+                self._leaves(4),
+            )
             self.assertEqual(grads, expected, f"max_workers={max_workers}")
-        self.assertEqual(run(lambda f, xs: [f(x) for x in xs], self._leaves(4)), expected)
+        self.assertEqual(
+            run(lambda f, xs: [f(x) for x in xs], self._leaves(4)), expected
+        )
 
     def test_randomized_gradients_equal_the_loops(self):
         # Items mix tensor-parallel identities and functional collectives with
@@ -155,14 +169,21 @@ class ParallelMapBackwardOrderTest(_AutogradTestBase):
             plan = random.Random(trial)  # the same items on every rank
             local = random.Random(1000 * trial + rank)  # each rank's own local work
             n = plan.randint(1, 7)
-            steps = [[plan.choice("tfl") for _ in range(plan.randint(1, 4))] for _ in range(n)]
+            steps = [
+                [plan.choice("tfl") for _ in range(plan.randint(1, 4))]
+                for _ in range(n)
+            ]
             inside = [plan.random() < 0.3 for _ in range(n)]
             lengths = [[local.randint(0, 12) for _ in s] for s in steps]
             caller_work = local.randint(0, 300)
             max_workers = plan.randint(2, 5)
             serial = self._random_trial(steps, inside, lengths, caller_work, None)
-            parallel = self._random_trial(steps, inside, lengths, caller_work, max_workers)
-            self.assertEqual(parallel, serial, f"trial {trial}: {steps}, inside={inside}")
+            parallel = self._random_trial(
+                steps, inside, lengths, caller_work, max_workers
+            )
+            self.assertEqual(
+                parallel, serial, f"trial {trial}: {steps}, inside={inside}"
+            )
 
     def _random_trial(self, steps, inside, lengths, caller_work, max_workers):
         """The leaves' gradients after one trial: serially, or with ``max_workers``."""
@@ -192,7 +213,9 @@ class ParallelMapBackwardOrderTest(_AutogradTestBase):
         outs = [out for out in outs if out is not None]
         if outs:
             sum(out.sum() for out in outs).backward()
-        return [leaf.grad.tolist() if leaf.grad is not None else None for leaf in leaves]
+        return [
+            leaf.grad.tolist() if leaf.grad is not None else None for leaf in leaves
+        ]
 
 
 class ParallelMapAutogradOneRankTest(_AutogradTestBase):
@@ -225,7 +248,8 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
         serial = self._visits(lambda f, xs: [f(x) for x in xs], 2)
         for _ in range(8):
             self.assertEqual(
-                self._visits(lambda f, xs: parallel_map(f, xs, max_workers=3), 2), serial
+                self._visits(lambda f, xs: parallel_map(f, xs, max_workers=3), 2),
+                serial,
             )
 
     def test_calls_nested_in_items_and_in_the_iterable_keep_the_loops_order(self):
@@ -243,7 +267,9 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
 
             def items():
                 for i in range(3):
-                    parts = map_fn(lambda j, i=i: inner(leaves[i], ("pull", i, j), j + 1), range(2))
+                    parts = map_fn(
+                        lambda j, i=i: inner(leaves[i], ("pull", i, j), j + 1), range(2)
+                    )
                     yield i, _Tag.apply(sum(parts), ("pulled", i), visits)
 
             def item(pulled):
@@ -291,7 +317,9 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
                 torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False),
                 torch.autograd.forward_ad.dual_level(),
                 torch.autograd._force_original_view_tracking(True),
-                torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.ADInplaceOrView, True),
+                torch._C._SetExcludeDispatchKeyGuard(
+                    torch._C.DispatchKey.ADInplaceOrView, True
+                ),
                 FunctionMode(),
                 DispatchMode(),
                 torch.no_grad(),
@@ -306,7 +334,9 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
             torch.autograd.set_detect_anomaly(anomaly)
         self.assertGreater(len(caller), 40)  # the discovery found the getters
         for index, seen in enumerate(items):
-            differing = {k: (caller[k], seen.get(k)) for k in caller if seen.get(k) != caller[k]}
+            differing = {
+                k: (caller[k], seen.get(k)) for k in caller if seen.get(k) != caller[k]
+            }
             self.assertEqual(differing, {}, f"item {index}: (caller, item)")
 
     def test_saved_tensor_hooks_pack_in_items_as_in_the_loop(self):
@@ -426,10 +456,15 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
 
         @coordinated
         def observe(i, a, b):
-            seen[i] = ((a @ b).dtype, var.get(), item_generator().initial_seed(),
-                       threading.get_ident())
+            seen[i] = (
+                (a @ b).dtype,
+                var.get(),
+                item_generator().initial_seed(),
+                threading.get_ident(),
+            )
             var.set(f"set by coordinated {i}")
-            torch.set_grad_enabled(False)  # as in the loop, the item goes on without grad
+            # as in the loop, the item goes on without grad
+            torch.set_grad_enabled(False)
 
         def item(i):
             var.set(f"item {i}")
@@ -449,7 +484,8 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
             self.assertEqual(thread, threading.get_ident())  # the coordinating thread
             self.assertEqual(results[i][0], f"set by coordinated {i}")
             self.assertFalse(results[i][2])
-        self.assertTrue(torch.is_grad_enabled())  # the coordinating thread's own is back
+        # the coordinating thread's own is back
+        self.assertTrue(torch.is_grad_enabled())
 
     def test_functional_collective_in_vmap_and_grad_as_in_the_loop(self):
         self._init()
@@ -464,7 +500,9 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
 
         def in_grad(i):
             x = torch.ones(2) + i
-            return torch.func.grad(lambda t: funcol.all_reduce(t, "sum", group).sum())(x)
+            return torch.func.grad(lambda t: funcol.all_reduce(t, "sum", group).sum())(
+                x
+            )
 
         try:
             serial = ("returned", [in_grad(i) for i in range(4)])
@@ -490,7 +528,11 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
         self.assertEqual(str(parallel.exception), str(serial.exception))
         notes = getattr(parallel.exception, "__notes__", [])
         self.assertEqual(
-            [n for n in notes if str(serial.exception).splitlines()[0] in n and "also failed" in n],
+            [
+                n
+                for n in notes
+                if str(serial.exception).splitlines()[0] in n and "also failed" in n
+            ],
             notes,
         )
         self.assertEqual(len(notes), 3, notes)
@@ -502,10 +544,14 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
 
         def item(i):
             if i == 1:  # as if it had created 2**32 nodes
-                _thread_state.set_sequence_nr(_thread_state.get_sequence_nr() + (1 << 32))
+                _thread_state.set_sequence_nr(
+                    _thread_state.get_sequence_nr() + (1 << 32)
+                )
             return (torch.ones(1, requires_grad=True) * 2).sum()
 
-        with self.assertRaisesRegex(RuntimeError, "item 1 used more than its 4294967296"):
+        with self.assertRaisesRegex(
+            RuntimeError, "item 1 used more than its 4294967296"
+        ):
             parallel_map(item, range(3), max_workers=2)
 
     def test_calls_that_build_no_graph_use_no_sequence_numbers(self):
@@ -523,8 +569,10 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
 
         start = _thread_state.get_sequence_nr()
         self.assertEqual(parallel_map(item, range(2), max_workers=2), [0, 1])
-        self.assertEqual(parallel_map(lambda i: torch.ones(1) * i, range(100), max_workers=2)[1],
-                         torch.ones(1))
+        self.assertEqual(
+            parallel_map(lambda i: torch.ones(1) * i, range(100), max_workers=2)[1],
+            torch.ones(1),
+        )
         self.assertEqual(_thread_state.get_sequence_nr(), start)
 
 
@@ -559,8 +607,10 @@ def _thread_state_snapshot():
         plain = value is None or isinstance(value, (bool, int, float, str, torch.dtype))
         snapshot[name] = value if plain else repr(value)
     for device in ("cpu", "cuda"):
-        snapshot[f"autocast {device}"] = (torch.is_autocast_enabled(device),
-                                          torch.get_autocast_dtype(device))
+        snapshot[f"autocast {device}"] = (
+            torch.is_autocast_enabled(device),
+            torch.get_autocast_dtype(device),
+        )
     snapshot["autocast cache"] = torch.is_autocast_cache_enabled()
     snapshot["dispatch include"] = repr(torch._C._dispatch_tls_local_include_set())
     snapshot["dispatch exclude"] = repr(torch._C._dispatch_tls_local_exclude_set())
@@ -573,16 +623,24 @@ def _thread_state_snapshot():
         for i in range(torch._C._len_torch_dispatch_stack())
     ]
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
-    snapshot["saved tensor hooks"] = None if hooks is None else [h.__name__ for h in hooks]
-    snapshot["functorch interpreters"] = repr(torch._C._functorch.peek_interpreter_stack())
+    snapshot["saved tensor hooks"] = (
+        None if hooks is None else [h.__name__ for h in hooks]
+    )
+    snapshot["functorch interpreters"] = repr(
+        torch._C._functorch.peek_interpreter_stack()
+    )
     snapshot["tls object"] = torch._C._is_key_in_tls("parallel_map_test")
-    snapshot["anomaly"] = (torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled())
+    snapshot["anomaly"] = (
+        torch.is_anomaly_enabled(),
+        torch.is_anomaly_check_nan_enabled(),
+    )
     snapshot["fw grad"] = torch._C._is_fwd_grad_enabled()
     snapshot["view replay"] = torch._C._is_view_replay_enabled()
     snapshot["multithreading"] = torch._C._is_multithreading_enabled()
     snapshot["grad"] = torch.is_grad_enabled()
     snapshot["contextvars"] = sorted(
-        (var.name, repr(value)) for var, value in contextvars.copy_context().items()
+        (var.name, repr(value))
+        for var, value in contextvars.copy_context().items()
         if not var.name.startswith("torch.distributed.threading")
     )
     return snapshot

@@ -27,7 +27,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.distributed_c10d import _collective_hook
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.threading import _op_hook, _pool, coordinated, parallel_map
-from torch.testing._internal.common_distributed import MultiProcessTestCase, skip_if_lt_x_gpu
+from torch.testing._internal.common_distributed import (
+    MultiProcessTestCase,
+    skip_if_lt_x_gpu,
+)
 from torch.testing._internal.common_utils import run_tests, TestCase
 
 
@@ -48,7 +51,10 @@ class _Base(MultiProcessTestCase):
     def _init(self):
         store = dist.FileStore(self.file_name, self.world_size)
         dist.init_process_group(
-            "gloo", store=store, rank=self.rank, world_size=self.world_size,
+            "gloo",
+            store=store,
+            rank=self.rank,
+            world_size=self.world_size,
             timeout=datetime.timedelta(seconds=_PG_TIMEOUT_S),
         )
         torch.set_num_threads(1)
@@ -57,7 +63,9 @@ class _Base(MultiProcessTestCase):
 
     def _assert_gil_off(self):
         if sysconfig.get_config_var("Py_GIL_DISABLED"):
-            self.assertFalse(sys._is_gil_enabled(), "free-threaded build with the GIL on")
+            self.assertFalse(
+                sys._is_gil_enabled(), "free-threaded build with the GIL on"
+            )
 
     def _value(self, i):
         """What item i contributes on this rank: only the right pairing sums right."""
@@ -68,7 +76,9 @@ class _Base(MultiProcessTestCase):
 
     def _assert_clean(self):
         self.assertIsNone(_collective_hook.fn)
-        workers = [t for t in threading.enumerate() if t.name.startswith("parallel_map")]
+        workers = [
+            t for t in threading.enumerate() if t.name.startswith("parallel_map")
+        ]
         self.assertEqual(len(workers), _pool.pool.idle_count())
 
     def _assert_usable_again(self):
@@ -99,7 +109,9 @@ class CompiledCollectivesTest(_Base):
             return y + 0, z + 0, full + 0
 
         def expected(i):
-            gathered = torch.cat([torch.full((2,), float(3 * i * (r + 1))) for r in range(ws)])
+            gathered = torch.cat(
+                [torch.full((2,), float(3 * i * (r + 1))) for r in range(ws)]
+            )
             return [self._reduced(i)] * 2, [2 * self._reduced(i)] * 2, gathered.tolist()
 
         for first in ("caller", "worker"):
@@ -285,6 +297,7 @@ class BypassDetectionTest(_Base):
         self._init()
         os.environ["TORCH_DISTRIBUTED_THREADING_DETECT_BYPASS"] = "0"
         try:
+
             def item(i):
                 t = self._value(i)
                 thread = threading.Thread(target=dist.all_reduce, args=(t,))
@@ -311,7 +324,10 @@ class OpHookTest(TestCase):
                 namespace, _, name = qualified.partition("::")
                 if namespace in _op_hook.COLLECTIVE_OPS:
                     packet = getattr(getattr(torch.ops, namespace), name)
-                    for op in (packet, *(getattr(packet, o) for o in packet.overloads())):
+                    for op in (
+                        packet,
+                        *(getattr(packet, o) for o in packet.overloads()),
+                    ):
                         if isinstance(op._op, _op_hook._HookedOp):
                             hooked.add(qualified)
             return hooked

@@ -8,7 +8,11 @@ rank. See :func:`parallel_map` for the guarantees.
 random draws do not depend on thread timing either.
 """
 
-from ._errors import CollectiveBypassError, CollectiveCancelledError, ScheduleMismatchError
+from ._errors import (
+    CollectiveBypassError,
+    CollectiveCancelledError,
+    ScheduleMismatchError,
+)
 from ._item_rng import item_generator
 from ._coordinated import coordinated
 from ._parallel_map import parallel_map

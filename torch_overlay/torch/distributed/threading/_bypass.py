@@ -98,7 +98,9 @@ def _counters(group: dist.ProcessGroup) -> list[Callable[[], int]]:
         if id(backend) in seen:
             continue
         seen.add(id(backend))
-        read: Callable[[], int] | None = getattr(backend, "_get_sequence_number_for_group", None)
+        read: Callable[[], int] | None = getattr(
+            backend, "_get_sequence_number_for_group", None
+        )
         if read is None:
             continue
         try:
@@ -119,7 +121,9 @@ def coalescing_manager_error(what: str) -> CollectiveBypassError:
 
 
 def _group_ids() -> set[int]:
-    return {id(group) for group in c10d._world.pg_map} if dist.is_initialized() else set()
+    return (
+        {id(group) for group in c10d._world.pg_map} if dist.is_initialized() else set()
+    )
 
 
 class BypassDetector:
@@ -156,12 +160,16 @@ class BypassDetector:
 
     def clear_to_issue(self) -> bool:
         """Whether :meth:`before_issue` would not raise."""
-        return not self._coalescing and [read() for read in self._readers] == self._counts
+        return (
+            not self._coalescing and [read() for read in self._readers] == self._counts
+        )
 
     def before_issue(self, call: Call) -> None:
         """Raise if anything reached a group since the last issue; call right before issuing."""
         if self._coalescing:
-            raise coalescing_manager_error(f"cannot issue {call.name} while it is active")
+            raise coalescing_manager_error(
+                f"cannot issue {call.name} while it is active"
+            )
         if not self.unchanged():
             self._raise(f"before {call.name}", [])
 
@@ -192,7 +200,9 @@ class BypassDetector:
         now = [read() for read in self._readers]
         self._counts = [
             count + after - before
-            for count, before, after in zip(self._counts, self._before_iterable, now, strict=True)
+            for count, before, after in zip(
+                self._counts, self._before_iterable, now, strict=True
+            )
         ]
         if dist.is_initialized():
             known = self._groups_before_iterable | self._exclude
@@ -210,11 +220,17 @@ class BypassDetector:
 
     def _raise(self, where: str, created: list[tuple[dist.ProcessGroup, int]]) -> None:
         moved: dict[int, tuple[dist.ProcessGroup, int]] = {}
-        for group, before, now in zip(self._groups, self._counts, self._seen, strict=True):
+        for group, before, now in zip(
+            self._groups, self._counts, self._seen, strict=True
+        ):
             if now != before:
-                moved[id(group)] = (group, moved.get(id(group), (group, 0))[1] + now - before)
+                moved[id(group)] = (
+                    group,
+                    moved.get(id(group), (group, 0))[1] + now - before,
+                )
         described = [f"{_group_name(group)} +{n}" for group, n in moved.values()] + [
-            f"{_group_name(group)}, created outside the schedule, +{n}" for group, n in created
+            f"{_group_name(group)}, created outside the schedule, +{n}"
+            for group, n in created
         ]
         raise CollectiveBypassError(
             "parallel_map: a collective reached a process group outside the schedule "
@@ -274,6 +290,7 @@ def refuse_cpp_collectives() -> None:
 
 
 # The collective methods of ProcessGroup and Backend (a release has a subset).
+# fmt: off
 _PROCESS_GROUP_METHODS = (
     "allreduce", "allreduce_coalesced", "broadcast", "allgather", "_allgather_base",
     "allgather_coalesced", "allgather_into_tensor_coalesced", "all_gather_single",
@@ -283,6 +300,7 @@ _PROCESS_GROUP_METHODS = (
     "barrier", "monitored_barrier", "send", "recv", "recv_anysource", "_start_coalescing",
     "_end_coalescing",
 )
+# fmt: on
 
 
 def _refusing_method(cls_name: str, name: str, original: Any) -> Callable[..., Any]:
@@ -318,6 +336,11 @@ class RefuseProcessGroupCallsOnWorkers(SwappedWhileEntered):
                 if name in owner.__dict__:
                     original = owner.__dict__[name]
                     swaps.append(
-                        (owner, name, original, _refusing_method(owner.__name__, name, original))
+                        (
+                            owner,
+                            name,
+                            original,
+                            _refusing_method(owner.__name__, name, original),
+                        )
                     )
         return swaps

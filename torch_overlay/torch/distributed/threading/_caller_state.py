@@ -50,7 +50,9 @@ class CallerState:
     item_path: tuple[int, ...] = ()
 
     @classmethod
-    def capture(cls, intra_op_threads: int, stream_per_worker: bool = False) -> CallerState:
+    def capture(
+        cls, intra_op_threads: int, stream_per_worker: bool = False
+    ) -> CallerState:
         cuda_stream = None
         if cuda_is_initialized():
             cuda_stream = torch.cuda.current_stream()
@@ -99,8 +101,15 @@ class CallerState:
         enter_item_place(self.item_seed, self.item_path, index)
         return fn(item)
 
-    def run(self, fn: Callable[[Any], Any], item: Any, own_stream: torch.cuda.Stream | None,
-            *, index: int, numbers: ItemNumbers) -> Any:
+    def run(
+        self,
+        fn: Callable[[Any], Any],
+        item: Any,
+        own_stream: torch.cuda.Stream | None,
+        *,
+        index: int,
+        numbers: ItemNumbers,
+    ) -> Any:
         """Run ``fn(item)``, the ``index``-th item, on a worker: under the caller's
         state, in a copy of its context, with the item's autograd ``numbers``.
 
@@ -110,7 +119,10 @@ class CallerState:
         if own_stream is None:
             return self._run_as_caller(fn, item, index, numbers)
         caller = self.cuda_stream
-        assert caller is not None
+        if caller is None:
+            raise AssertionError(
+                "parallel_map: a worker stream without the caller's stream"
+            )
         own_stream.wait_stream(caller)
         try:
             result = self._run_as_caller(fn, item, index, numbers)
@@ -123,8 +135,9 @@ class CallerState:
         finally:
             caller.wait_stream(own_stream)
 
-    def _run_as_caller(self, fn: Callable[[Any], Any], item: Any, index: int,
-                       numbers: ItemNumbers) -> Any:
+    def _run_as_caller(
+        self, fn: Callable[[Any], Any], item: Any, index: int, numbers: ItemNumbers
+    ) -> Any:
         own = self.thread.make_current()
         # As deep in autocast regions as the caller, so that leaving one the
         # item enters does not clear autocast's (process-wide) cache of casts.
@@ -143,9 +156,11 @@ class CallerState:
                 own.make_current()
         return result
 
-    def _run_item(self, fn: Callable[[Any], Any], item: Any, index: int,
-                  numbers: ItemNumbers) -> Any:
-        enter_item_place(self.item_seed, self.item_path, index)  # in the item's own context
+    def _run_item(
+        self, fn: Callable[[Any], Any], item: Any, index: int, numbers: ItemNumbers
+    ) -> Any:
+        # in the item's own context
+        enter_item_place(self.item_seed, self.item_path, index)
         numbers.enter()
         with span("item", index):  # under the caller's profiler, as the loop's body
             return fn(item)

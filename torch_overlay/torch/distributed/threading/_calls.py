@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TYPE_CHECKING
 
@@ -31,6 +30,7 @@ from ._thread_state import Issuing, ThreadState, user_code_may_run
 
 if TYPE_CHECKING:
     import contextvars
+    from collections.abc import Callable, Iterable
 
     from ._thread_state import CallState
 
@@ -85,9 +85,13 @@ class _IssueSendAsIsend(_IssueAsyncThenWait):
     def issue(self, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
         # send's own argument check, which isend (it may send to itself) lacks.
         group = c10d._group_or_default_group(kwargs["group"])
-        group_dst = c10d._canonicalize_group_rank(group, kwargs["dst"], kwargs["group_dst"])
+        group_dst = c10d._canonicalize_group_rank(
+            group, kwargs["dst"], kwargs["group_dst"]
+        )
         c10d._check_not_self_rank(group, group_dst, "destination")
-        return c10d.isend(kwargs["tensor"], group=group, tag=kwargs["tag"], group_dst=group_dst)
+        return c10d.isend(
+            kwargs["tensor"], group=group, tag=kwargs["tag"], group_dst=group_dst
+        )
 
 
 class _IssueRecvAsIrecv(_IssuePlan):
@@ -139,13 +143,17 @@ def op_name(fn: Callable[..., Any], kwargs: dict[str, Any] | None = None) -> str
     return getattr(fn, "__name__", repr(fn))
 
 
-def _only_plain_tensors(values: Iterable[Any], device: torch.device | None, depth: int = 2) -> bool:
+def _only_plain_tensors(
+    values: Iterable[Any], device: torch.device | None, depth: int = 2
+) -> bool:
     """Whether every tensor in ``values`` (and in lists, tuples and dicts in them,
     ``depth`` deep) is a plain Tensor, on the CPU or on ``device`` (the CUDA
     device of the call's stream)."""
     for value in values:
         if isinstance(value, torch.Tensor):
-            if type(value) is not torch.Tensor or (value.is_cuda and value.device != device):
+            if type(value) is not torch.Tensor or (
+                value.is_cuda and value.device != device
+            ):
                 return False
         elif isinstance(value, (list, tuple, dict)):
             inner = value.values() if isinstance(value, dict) else value
@@ -183,7 +191,9 @@ def issue_runs_torch_only(call: Call) -> bool:
     if user_code_may_run():
         return False
     stream = call.cuda_stream
-    return _only_plain_tensors(call.kwargs.values(), None if stream is None else stream.device)
+    return _only_plain_tensors(
+        call.kwargs.values(), None if stream is None else stream.device
+    )
 
 
 @dataclass
@@ -226,7 +236,8 @@ class Call:
         try:
             return self._issue_in_context()
         finally:
-            if self.context is not None:  # user code: what it set here goes back to the item
+            # user code: what it set here goes back to the item
+            if self.context is not None:
                 self.state_after = ThreadState.capture()
             self.sequence_nr_after = issuing.restore()
 

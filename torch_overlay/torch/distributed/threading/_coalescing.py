@@ -80,13 +80,16 @@ def issue_coalesced(calls: list[Call]) -> list[Any]:
     first = calls[0]
     tensors = [call.kwargs["tensor"] for call in calls]
     stream = first.cuda_stream if tensors[0].is_cuda else None
-    on_stream = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+    on_stream = (
+        torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+    )
     issuing = None if first.state is None else Issuing(first.state)
     try:
         with torch.no_grad(), on_stream:
             flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
-            work = c10d.all_reduce(flat, op=first.kwargs["op"], group=first.kwargs["group"],
-                                   async_op=True)
+            work = c10d.all_reduce(
+                flat, op=first.kwargs["op"], group=first.kwargs["group"], async_op=True
+            )
     finally:
         if issuing is not None:
             issuing.restore()  # under no_grad: no autograd node to number
@@ -124,8 +127,9 @@ class _WaitOnce:
 class _Part:
     """One call's share of a coalesced all_reduce, as its plan's ``finish`` sees it."""
 
-    def __init__(self, shared: _WaitOnce, flat: torch.Tensor, start: int,
-                 tensor: torch.Tensor) -> None:
+    def __init__(
+        self, shared: _WaitOnce, flat: torch.Tensor, start: int, tensor: torch.Tensor
+    ) -> None:
         self._shared = shared
         self._flat = flat
         self._start = start

@@ -100,7 +100,9 @@ class Coordinator:
         self._coalesce = coalesce
         self._held = HeldCalls()
         self._issuer = Issuer(detector)
-        self._turn = Turn(workers_may_hold=check is None and _collective_hook.fn is None)
+        self._turn = Turn(
+            workers_may_hold=check is None and _collective_hook.fn is None
+        )
         self._workers = [
             Worker(fn, state, self._feeder, self._turn, self._issuer, coalesce)
             for _ in range(max_workers)
@@ -131,7 +133,8 @@ class Coordinator:
         if self._detector is not None:
             try:
                 self._detector.at_end()
-            except CollectiveBypassError as error:  # likely the cause of any item's failure
+            # likely the cause of any item's failure
+            except CollectiveBypassError as error:
                 self._add_item_errors(error)
                 raise
         if self._errors:
@@ -192,7 +195,8 @@ class Coordinator:
                 self._errors[box.index] = event.error
             following = None if self._errors else self._box_for_slot(in_slots)
             if following is None and self._errors:
-                self._feeder.stop_at(in_slots)  # no new item starts; those in slots finish
+                # no new item starts; those in slots finish
+                self._feeder.stop_at(in_slots)
             if following is not None:
                 in_slots += 1
             self._turn.after_end(following)
@@ -212,7 +216,11 @@ class Coordinator:
 
     def _box_for_slot(self, index: int) -> Mailbox | None:
         box = self._feeder.box_for_slot(index)
-        if box is None and self._feeder.error is not None and self._feeder.error[0] == index:
+        if (
+            box is None
+            and self._feeder.error is not None
+            and self._feeder.error[0] == index
+        ):
             # The iterable raised where this item would be: a failure at this index.
             self._errors[index] = self._feeder.error[1]
         return box
@@ -273,7 +281,9 @@ class Coordinator:
         self._add_item_errors(error, others)
         return error
 
-    def _add_item_errors(self, error: BaseException, indices: list[int] | None = None) -> None:
+    def _add_item_errors(
+        self, error: BaseException, indices: list[int] | None = None
+    ) -> None:
         for index in sorted(self._errors) if indices is None else indices:
             other = self._errors[index]
             error.add_note(

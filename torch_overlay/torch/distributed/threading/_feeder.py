@@ -39,14 +39,20 @@ __all__: list[str] = []
 class Feeder:
     """See the module doc."""
 
-    def __init__(self, items: Iterator[Any], detector: BypassDetector | None,
-                 numbering: Numbering, workers: int) -> None:
+    def __init__(
+        self,
+        items: Iterator[Any],
+        detector: BypassDetector | None,
+        numbering: Numbering,
+        workers: int,
+    ) -> None:
         self._items = items
         self._detector = detector
         self._numbering = numbering
         self._workers = workers
         self._lock = threading.Lock()
-        self._coordinators_lock = lock_for_this_thread(self._lock)  # created by the coordinator
+        # created by the coordinator
+        self._coordinators_lock = lock_for_this_thread(self._lock)
         self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._boxes: list[Mailbox] = []
         self._next_for_worker = 0
@@ -87,7 +93,8 @@ class Feeder:
             numbers = self._numbering.after_pull(pulled)
             if self._detector is not None:
                 self._detector.after_iterable()
-        assert numbers is not None
+        if numbers is None:
+            raise AssertionError("parallel_map: an item without sequence numbers")
         box = Mailbox(len(self._boxes), item, numbers)
         self._boxes.append(box)  # atomic: workers read it under the lock
         self._tokens.put(None)

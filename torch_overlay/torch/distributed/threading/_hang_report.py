@@ -18,7 +18,9 @@ __all__: list[str] = []
 logger = logging.getLogger(__name__)
 
 
-def report_hang(workers: list[Worker], awaited: Mailbox, waited: float, issued: int) -> None:
+def report_hang(
+    workers: list[Worker], awaited: Mailbox, waited: float, issued: int
+) -> None:
     """Log what each worker does, with its stack, and whether items may wait on each other."""
     frames = sys._current_frames()
     lines = [
@@ -31,7 +33,9 @@ def report_hang(workers: list[Worker], awaited: Mailbox, waited: float, issued: 
         lines.append(f"  {thread.name if thread else 'worker'}: {state}")
         frame = frames.get(thread.ident or -1) if thread else None
         if frame is not None and state != "idle":
-            lines.extend("    " + line.rstrip() for line in traceback.format_stack(frame))
+            lines.extend(
+                "    " + line.rstrip() for line in traceback.format_stack(frame)
+            )
     lines.extend(_explain_wait(workers, awaited))
     logger.warning("\n".join(lines))
 
@@ -47,7 +51,8 @@ def _explain_wait(workers: list[Worker], awaited: Mailbox) -> list[str]:
     if not running or running[0].waiting_on is not None:
         return []  # the awaited item is itself in a collective
     queued = sorted(
-        index for w in workers
+        index
+        for w in workers
         if w.waiting_for_issue and (index := _item_index(w)) is not None
     )
     if not queued:

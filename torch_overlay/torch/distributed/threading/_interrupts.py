@@ -31,7 +31,8 @@ __all__: list[str] = []
 
 class _Sections(threading.local):
     depth = 0
-    deferred: tuple[_Handler, int] | None = None  # the handler to run at the end, and its signal
+    # the handler to run at the end, and its signal
+    deferred: tuple[_Handler, int] | None = None
 
 
 _sections = _Sections()
@@ -53,7 +54,8 @@ class _Shielded:
 
 
 def _raise_deferred() -> None:
-    assert _sections.deferred is not None
+    if _sections.deferred is None:
+        raise AssertionError("no deferred interrupt to raise")
     handler, signum = _sections.deferred
     _sections.deferred = None
     handler(signum, None)  # raises KeyboardInterrupt, with the default handler
@@ -74,7 +76,8 @@ class ShieldedLock:
         _sections.depth += 1
         try:
             self._lock.acquire()
-        except BaseException:  # another signal's handler raised: the section never began
+        # another signal's handler raised: the section never began
+        except BaseException:
             _sections.depth -= 1
             raise
 
@@ -98,7 +101,9 @@ def deferring_interrupts() -> Iterator[None]:
     """Install the deferring SIGINT handler for the block, on the main thread,
     over a handler written in Python (the default raises KeyboardInterrupt)."""
     previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+    if threading.current_thread() is not threading.main_thread() or not callable(
+        previous
+    ):
         yield
         return
 
@@ -112,5 +117,6 @@ def deferring_interrupts() -> Iterator[None]:
     try:
         yield
     finally:
-        if signal.getsignal(signal.SIGINT) is defer_in_sections:  # unless fn replaced it
+        # unless fn replaced it
+        if signal.getsignal(signal.SIGINT) is defer_in_sections:
             signal.signal(signal.SIGINT, previous)

@@ -88,10 +88,14 @@ class Issuer:
             # Its own call, on its own thread, is in its own state already.
             # (The profiler's flag first: a span, even a no-op, costs calls.)
             if not autograd_profiler._is_profiler_enabled:
-                reply = Reply(call.plan.issue(call.fn, call.kwargs) if own else call.issue())
+                reply = Reply(
+                    call.plan.issue(call.fn, call.kwargs) if own else call.issue()
+                )
             else:
                 with span("issue", call):
-                    reply = Reply(call.plan.issue(call.fn, call.kwargs) if own else call.issue())
+                    reply = Reply(
+                        call.plan.issue(call.fn, call.kwargs) if own else call.issue()
+                    )
         except BaseException as error:
             if not (on_worker or isinstance(error, Exception)):
                 raise  # the coordinating thread interrupted: the whole call stops

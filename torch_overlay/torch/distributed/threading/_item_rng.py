@@ -105,8 +105,10 @@ def item_generator(device: torch.device | str | int | None = None) -> torch.Gene
         if device.type == "cuda":
             default: torch.Generator = torch.cuda.default_generators[device.index or 0]
             return default
-        raise ValueError(f"item_generator() outside parallel_map supports cpu and cuda, "
-                         f"not {device.type}")
+        raise ValueError(
+            f"item_generator() outside parallel_map supports cpu and cuda, "
+            f"not {device.type}"
+        )
     generator: torch.Generator | None = place.generators.get(device)
     if generator is None:
         generator = torch.Generator(device)

@@ -58,14 +58,27 @@ __all__: list[str] = []
 # skipped.
 COLLECTIVE_OPS = {
     "_c10d_functional": (
-        "all_gather_into_tensor", "all_gather_into_tensor_coalesced",
-        "all_gather_into_tensor_out", "all_reduce", "all_reduce_", "all_reduce_coalesced",
-        "all_reduce_coalesced_", "all_to_all_single", "batch_p2p_ops", "broadcast",
-        "broadcast_", "irecv", "isend", "reduce_scatter_tensor",
-        "reduce_scatter_tensor_coalesced", "reduce_scatter_tensor_out",
+        "all_gather_into_tensor",
+        "all_gather_into_tensor_coalesced",
+        "all_gather_into_tensor_out",
+        "all_reduce",
+        "all_reduce_",
+        "all_reduce_coalesced",
+        "all_reduce_coalesced_",
+        "all_to_all_single",
+        "batch_p2p_ops",
+        "broadcast",
+        "broadcast_",
+        "irecv",
+        "isend",
+        "reduce_scatter_tensor",
+        "reduce_scatter_tensor_coalesced",
+        "reduce_scatter_tensor_out",
     ),
     "_c10d_functional_autograd": (
-        "all_gather_into_tensor", "all_to_all_single", "reduce_scatter_tensor",
+        "all_gather_into_tensor",
+        "all_to_all_single",
+        "reduce_scatter_tensor",
     ),
     "_dtensor": ("shard_dim_alltoall",),
 }
@@ -131,6 +144,9 @@ class HookedOps(SwappedWhileEntered):
         for qualified in collective_op_names():
             namespace, name = qualified.split("::")
             packet = getattr(getattr(torch.ops, namespace), name)
-            ops = [packet, *(getattr(packet, overload) for overload in packet.overloads())]
+            ops = [
+                packet,
+                *(getattr(packet, overload) for overload in packet.overloads()),
+            ]
             swaps.extend((op, "_op", op._op, _HookedOp(op, op._op)) for op in ops)
         return swaps

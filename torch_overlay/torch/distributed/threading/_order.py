@@ -38,7 +38,9 @@ class Route(enum.Enum):
     ANY_HOLDER = enum.auto()
 
 
-def route(*, only_enqueues: bool, coalesced: bool, runs_torch_only: bool = False) -> Route:
+def route(
+    *, only_enqueues: bool, coalesced: bool, runs_torch_only: bool = False
+) -> Route:
     """A call's route: ``only_enqueues`` (its issue returns once the work is
     queued), ``coalesced`` (the coordinator holds it back), and
     ``runs_torch_only`` (no user code runs on its issue path). A worker

@@ -11,7 +11,11 @@ from torch._C._distributed_c10d import DebugLevel, get_debug_level
 from torch.distributed.distributed_c10d import _collective_hook
 
 from . import _op_hook
-from ._bypass import make_detector, refuse_cpp_collectives, RefuseProcessGroupCallsOnWorkers
+from ._bypass import (
+    make_detector,
+    refuse_cpp_collectives,
+    RefuseProcessGroupCallsOnWorkers,
+)
 from ._caller_state import CallerState
 from ._coordinator import Coordinator
 from ._interrupts import deferring_interrupts, shielded
@@ -235,7 +239,9 @@ def parallel_map(
         >>> losses_cls, losses_bbox = map(list, zip(*results))
     """
     if not callable(fn):
-        raise TypeError(f"parallel_map() expects a callable fn, got {type(fn).__name__}")
+        raise TypeError(
+            f"parallel_map() expects a callable fn, got {type(fn).__name__}"
+        )
     items = iter(iterable)  # TypeError for a non-iterable, as in a for loop
     if iterables:  # as map(): fn(*item), items up to the shortest iterable
         items = zip(items, *[iter(it) for it in iterables], strict=strict)
@@ -256,7 +262,9 @@ def parallel_map(
     elif intra_op_threads < 1:
         raise ValueError(f"intra_op_threads must be at least 1, got {intra_op_threads}")
     if report_hang_after is not None and not report_hang_after > 0:
-        raise ValueError(f"report_hang_after must be positive or None, got {report_hang_after}")
+        raise ValueError(
+            f"report_hang_after must be positive or None, got {report_hang_after}"
+        )
 
     # A Ctrl-C must not leave a lock held, ours or the swaps (see _interrupts).
     with deferring_interrupts():
@@ -270,13 +278,20 @@ def parallel_map(
             if not nested:
                 _claim_top_level()
             if check_schedule is None:
-                check_schedule = dist.is_initialized() and get_debug_level() == DebugLevel.DETAIL
+                check_schedule = (
+                    dist.is_initialized() and get_debug_level() == DebugLevel.DETAIL
+                )
             # Nested calls are checked by the outer call, whose schedule carries theirs.
-            check = ScheduleCheck(max_workers) if check_schedule and not nested else None
+            check = (
+                ScheduleCheck(max_workers) if check_schedule and not nested else None
+            )
             if max_workers == 1 and check is None:
                 # Nothing to overlap: run on the caller, as the loop would.
                 state = CallerState.capture(caller_threads)
-                return [state.run_inline(fn, item, index) for index, item in enumerate(items)]
+                return [
+                    state.run_inline(fn, item, index)
+                    for index, item in enumerate(items)
+                ]
             refuse_order_dependent_hooks()
             state = CallerState.capture(intra_op_threads, stream_per_worker)
             # The outer call's detector sees what a nested call issues.

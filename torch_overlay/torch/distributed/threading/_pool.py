@@ -69,7 +69,8 @@ class PooledThread:
                 return
             try:
                 job()
-            except BaseException:  # a bug of ours, not an item's error: those the job reports
+            # a bug of ours, not an item's error: those the job reports
+            except BaseException:
                 # Even a BaseException: a dead thread back in the pool would hang a later call.
                 logger.exception("parallel_map worker failed")
             finally:
@@ -95,9 +96,9 @@ class WorkerPool:
         """
         with shielded, self._lock:
             self._idle = [t for t in self._idle if t.thread.is_alive()]
-            reused = self._idle[len(self._idle) - min(count, len(self._idle)):]
+            reused = self._idle[len(self._idle) - min(count, len(self._idle)) :]
             into.extend(reused)
-            del self._idle[len(self._idle) - len(reused):]
+            del self._idle[len(self._idle) - len(reused) :]
         while len(into) < count:
             thread = PooledThread(self, next(self._numbers))
             with shielded:  # a Ctrl-C in start() would leave a thread no one can join

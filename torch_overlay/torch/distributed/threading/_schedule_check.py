@@ -29,7 +29,15 @@ if TYPE_CHECKING:
 __all__: list[str] = []
 
 _POINT_TO_POINT = frozenset(
-    {"send", "recv", "isend", "irecv", "batch_isend_irecv", "send_object_list", "recv_object_list"}
+    {
+        "send",
+        "recv",
+        "isend",
+        "irecv",
+        "batch_isend_irecv",
+        "send_object_list",
+        "recv_object_list",
+    }
 )
 # Ops whose tensors may legitimately differ in shape between ranks.
 _SHAPELESS = _POINT_TO_POINT | {"all_to_all", "all_to_all_single"}
@@ -54,7 +62,9 @@ def _fingerprint(call: Call) -> tuple[Any, ...]:
 
 def _tensor_arguments(kwargs: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
     """Tensor arguments by name; a functional op's positional ones as ``args[i]``."""
-    found = [(key, value) for key, value in kwargs.items() if isinstance(value, torch.Tensor)]
+    found = [
+        (key, value) for key, value in kwargs.items() if isinstance(value, torch.Tensor)
+    ]
     for i, value in enumerate(kwargs.get("args", ())):
         if isinstance(value, torch.Tensor):
             found.append((f"args[{i}]", value))
@@ -68,7 +78,8 @@ def _describe(fingerprint: tuple[Any, ...]) -> str:
         return f"no further collective (it issued {fingerprint[1]})"
     item, seq, name, *rest = fingerprint
     shapes = ", ".join(
-        f"{key} {list(shape)} {dtype}" for key, shape, dtype in (rest[0] if rest else ())
+        f"{key} {list(shape)} {dtype}"
+        for key, shape, dtype in (rest[0] if rest else ())
     )
     return f"item {item} call {seq}: {name}" + (f" ({shapes})" if shapes else "")
 

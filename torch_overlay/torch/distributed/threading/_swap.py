@@ -60,7 +60,8 @@ class SwappedWhileEntered:
                         setattr(owner, name, replacement)
                 cls._depth += 1
                 entered = True
-        except BaseException:  # a Ctrl-C raised as the section ended: no __exit__ follows
+        # a Ctrl-C raised as the section ended: no __exit__ follows
+        except BaseException:
             if entered:
                 self.__exit__(None, None, None)
             raise

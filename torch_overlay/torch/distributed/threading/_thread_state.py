@@ -90,12 +90,16 @@ class ThreadState(NamedTuple):
 
 def _function_modes() -> tuple[Any, ...]:
     count = torch._C._len_torch_function_stack()
-    return tuple(torch._C._get_function_stack_at(i) for i in range(count)) if count else ()
+    return (
+        tuple(torch._C._get_function_stack_at(i) for i in range(count)) if count else ()
+    )
 
 
 def _dispatch_modes() -> tuple[Any, ...]:
     count = torch._C._len_torch_dispatch_stack()
-    return tuple(torch._C._get_dispatch_stack_at(i) for i in range(count)) if count else ()
+    return (
+        tuple(torch._C._get_dispatch_stack_at(i) for i in range(count)) if count else ()
+    )
 
 
 def user_code_may_run() -> bool:
@@ -213,7 +217,9 @@ class Numbering:
         if not pulled:
             return None
         self._pulls += 1
-        return ItemNumbers(end, self._start + self._pulls * self._span, self._span, self._used)
+        return ItemNumbers(
+            end, self._start + self._pulls * self._span, self._span, self._used
+        )
 
     def finish(self) -> None:
         """The caller's counter after the call: above every number used."""
@@ -229,7 +235,10 @@ def refuse_order_dependent_hooks() -> None:
     around ``parallel_map`` it could pair tensors of different items.
     """
     hooks = _top_saved_tensors_default_hooks(True)
-    if hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint":
+    if (
+        hooks is not None
+        and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"
+    ):
         raise RuntimeError(
             "parallel_map cannot run inside torch.utils.checkpoint(..., use_reentrant=False): "
             "checkpointing pairs the tensors that recomputation saves with the original ones "

@@ -69,6 +69,10 @@ __all__: list[str] = []
 logger = logging.getLogger(__name__)
 
 
+def _broken(what: str) -> AssertionError:
+    return AssertionError(f"parallel_map's turn: {what} (a bug in parallel_map)")
+
+
 class Visit(enum.Enum):
     FLUSH = enum.auto()  # Turn.take: the item's call is held back; issue those first
 
@@ -85,7 +89,8 @@ class Posted(enum.Enum):
     QUEUED = enum.auto()  # left for whoever holds the turn
     HOLD_TURN = enum.auto()  # the poster holds the turn: it issues its call now
     CANCELLED = enum.auto()  # the turn has stopped: the call is not issued
-    NEEDS_STATE = enum.auto()  # would be left for another thread: capture its state, post again
+    # would be left for another thread: capture its state, post again
+    NEEDS_STATE = enum.auto()
 
 
 class Passed(enum.Enum):
@@ -110,7 +115,8 @@ class Turn:
 
     def __init__(self, workers_may_hold: bool) -> None:
         self._lock = threading.Lock()
-        self._coordinators_lock = lock_for_this_thread(self._lock)  # created by the coordinator
+        # created by the coordinator
+        self._coordinators_lock = lock_for_this_thread(self._lock)
         self._cycle: SlotCycle[Mailbox] = SlotCycle([])
         self._holder = Holder.COORDINATOR
         # Whether a worker may take an open turn. Off while the coordinator
@@ -138,7 +144,6 @@ class Turn:
         with self._coordinators_lock:
             self._cycle = SlotCycle(first)
 
-
     def take(self, held: list[Mailbox]) -> tuple[Mailbox, Event | Visit | None] | None:
         """The coordinator's visit at the position: the item there and its
         pending event; None once no slot holds an item.
@@ -148,14 +153,19 @@ class Turn:
         and the coordinator issues those before it visits again.
         """
         with self._coordinators_lock:
-            assert self._holder is Holder.COORDINATOR
+            if self._holder is not Holder.COORDINATOR:
+                raise _broken(
+                    f"the coordinator visits while {self._holder.name} holds it"
+                )
             box = self._cycle.current()
             if box is None:
                 return None
             event = box.pending
             if event is not None:
                 box.pending = None
-                box.state = BoxState.ENDED if isinstance(event, ItemEnded) else BoxState.RUNNING
+                box.state = (
+                    BoxState.ENDED if isinstance(event, ItemEnded) else BoxState.RUNNING
+                )
                 return box, event
             if box in held:
                 return box, Visit.FLUSH
@@ -190,11 +200,14 @@ class Turn:
         with self._coordinators_lock:
             self._stopped = True
             to_cancel = [
-                box for box in taken
+                box
+                for box in taken
                 if box.state in (BoxState.RUNNING, BoxState.PENDING)
-                and not isinstance(box.pending, ItemEnded)  # its worker waits for nothing
+                # its worker waits for nothing
+                and not isinstance(box.pending, ItemEnded)
             ]
-            for box in to_cancel:  # sent under the lock: a Ctrl-C cannot split state and message
+            # sent under the lock: a Ctrl-C cannot split state and message
+            for box in to_cancel:
                 box.pending, box.state = None, BoxState.CANCELLED
                 box.replies.put(Signal.CANCEL)
 
@@ -209,9 +222,7 @@ class Turn:
         with self._lock:
             if self._stopped and is_call:
                 return Posted.CANCELLED
-            at_position = (
-                self._holder is Holder.OPEN and self._cycle.current() is box
-            )
+            at_position = self._holder is Holder.OPEN and self._cycle.current() is box
             if at_position and route is not Route.COORDINATOR and self._passing:
                 self._holder = Holder.WORKER
                 return Posted.HOLD_TURN
@@ -229,7 +240,8 @@ class Turn:
         call to serve (``may_serve``: one whose route is ``ANY_HOLDER``), or
         pass the turn on."""
         with self._lock:
-            assert self._holder is Holder.WORKER
+            if self._holder is not Holder.WORKER:
+                raise _broken(f"a worker advances while {self._holder.name} holds it")
             self._count(issued)
             if self._stopped:  # the coordinator cancels every item; no more issues
                 self._holder = Holder.OPEN
@@ -243,7 +255,8 @@ class Turn:
                 self._holder = Holder.COORDINATOR
                 passed = Passed.TO_COORDINATOR
             else:
-                assert not isinstance(call, ItemEnded)
+                if isinstance(call, ItemEnded):
+                    raise _broken("an item's end routed to a worker")
                 box.pending, box.state = None, BoxState.OWED
                 if may_serve and box.pending_route is Route.ANY_HOLDER:
                     return Serve(box, call)
@@ -259,14 +272,16 @@ class Turn:
         state leaving ``OWED``: a stop from this moment reaches the worker's
         next call, and none came before this reply."""
         with self._lock:
-            assert box.state is BoxState.OWED
+            if box.state is not BoxState.OWED:
+                raise _broken(f"a reply to {box}, which is owed none")
             box.state = BoxState.RUNNING
             box.replies.put(reply)
 
     def take_handed(self, box: Mailbox) -> bool:
         """Woken with ``YOUR_TURN``: whether to issue (False: the turn stopped)."""
         with self._lock:
-            assert box.state is BoxState.OWED
+            if box.state is not BoxState.OWED:
+                raise _broken(f"{box} takes a turn it was not handed")
             box.state = BoxState.RUNNING
             if not self._stopped:
                 return True
@@ -297,16 +312,21 @@ class Turn:
             holder = self._holder
             if holder is Holder.OPEN and not self._stopped:
                 box = self._cycle.current()
-                assert box is not None, "the turn is open with no slot"
-                assert box.pending is None, "open with an event pending"
+                if box is None or box.pending is not None:
+                    raise _broken(f"open at {box}, with no slot or an event pending")
             for box in self._cycle.items():
-                assert (box.pending is None) == (box.state is not BoxState.PENDING), box
+                if (box.pending is None) != (box.state is not BoxState.PENDING):
+                    raise _broken(f"{box}: its state and its pending event disagree")
 
     def _count(self, call: Call) -> None:
         """Under the lock: number the issue (in the debug log, when on as the call began)."""
         if self._log_issues:
             logger.debug(
-                "issue #%d: item %d call %d %s", self._issued, call.item, call.seq, call.name,
+                "issue #%d: item %d call %d %s",
+                self._issued,
+                call.item,
+                call.seq,
+                call.name,
                 extra={"coordinator": self._coordinator},
             )
         self._issued += 1

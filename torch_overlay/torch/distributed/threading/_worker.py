@@ -22,7 +22,13 @@ import torch.distributed.distributed_c10d as c10d
 from torch.distributed.distributed_c10d import _collective_hook
 
 from ._bypass import coalescing_manager_error
-from ._calls import Call, call_coordinated, cuda_is_initialized, issue_runs_torch_only, plan_for
+from ._calls import (
+    Call,
+    call_coordinated,
+    cuda_is_initialized,
+    issue_runs_torch_only,
+    plan_for,
+)
 from ._coalescing import coalescing_key
 from ._errors import CollectiveCancelledError
 from ._issue import copy_of
@@ -48,7 +54,9 @@ __all__: list[str] = []
 
 def _cancelled(box: Mailbox) -> CollectiveCancelledError:
     box.cancelled = True
-    return CollectiveCancelledError("parallel_map is stopping; this collective was not issued")
+    return CollectiveCancelledError(
+        "parallel_map is stopping; this collective was not issued"
+    )
 
 
 class _ThisWorker(threading.local):
@@ -80,7 +88,8 @@ def worker_hook(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
     ``_op_hook``). Dynamo itself never calls the hook.
     """
     worker = _this_worker.worker
-    assert worker is not None
+    if worker is None:
+        raise AssertionError("the worker hook ran on a thread that is not a worker")
     if fn is c10d._coalescing_manager:
         raise coalescing_manager_error("cannot be used on a worker thread")
     if torch._C._len_torch_dispatch_stack() and _tracing():
@@ -111,8 +120,15 @@ def _take_back(call: Call) -> None:
 class Worker:
     """One worker: runs items on a pooled thread; holds the turn at times."""
 
-    def __init__(self, fn: Callable[[Any], Any], state: CallerState, feeder: Feeder,
-                 turn: Turn, issuer: Issuer, coalesce: bool) -> None:
+    def __init__(
+        self,
+        fn: Callable[[Any], Any],
+        state: CallerState,
+        feeder: Feeder,
+        turn: Turn,
+        issuer: Issuer,
+        coalesce: bool,
+    ) -> None:
         self._fn = fn
         self._state = state
         self._feeder = feeder
@@ -139,15 +155,25 @@ class Worker:
         try:
             while (box := self._feeder.take()) is not None:
                 self.box = box
-                if setup_error is not None:  # the original (its traceback) first, then copies
-                    ended = ItemEnded(error=setup_error if first else copy_of(setup_error))
+                # the original (its traceback) first, then copies
+                if setup_error is not None:
+                    ended = ItemEnded(
+                        error=setup_error if first else copy_of(setup_error)
+                    )
                     first = False
                 else:
                     try:
-                        ended = ItemEnded(self._state.run(
-                            self._fn, box.item, own_stream, index=box.index, numbers=box.numbers
-                        ))
-                    except BaseException as error:  # the item's: raised by the coordinator
+                        ended = ItemEnded(
+                            self._state.run(
+                                self._fn,
+                                box.item,
+                                own_stream,
+                                index=box.index,
+                                numbers=box.numbers,
+                            )
+                        )
+                    # the item's: raised by the coordinator
+                    except BaseException as error:
                         ended = ItemEnded(error=error)
                 self._turn.post(box, ended, Route.COORDINATOR)
                 self.box = None
@@ -159,14 +185,16 @@ class Worker:
     def submit(self, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
         """Hand a call to the schedule; returns (or raises) its outcome."""
         box = self.box
-        assert box is not None
+        if box is None:
+            raise AssertionError("a collective submitted outside an item")
         if box.cancelled:
             raise _cancelled(box)
         plan = plan_for(fn, kwargs)
         # (``_initialized`` first: no call on the CPU.)
         stream = (
             torch.cuda.current_stream()
-            if torch.cuda._initialized and cuda_is_initialized() else None
+            if torch.cuda._initialized and cuda_is_initialized()
+            else None
         )
         # A coordinated function, user code, runs in a copy of the item's context.
         context = contextvars.copy_context() if fn is call_coordinated else None
@@ -180,8 +208,11 @@ class Worker:
             if posted is Posted.NEEDS_STATE:  # it waits: another thread may issue it
                 call.state = CallState.capture()
                 if call_route is Route.OWN_WORKER:
-                    call_route = route(only_enqueues=True, coalesced=False,
-                                       runs_torch_only=issue_runs_torch_only(call))
+                    call_route = route(
+                        only_enqueues=True,
+                        coalesced=False,
+                        runs_torch_only=issue_runs_torch_only(call),
+                    )
                 posted = self._turn.post(box, call, call_route)
             if posted is Posted.CANCELLED:
                 raise _cancelled(box)
@@ -197,7 +228,8 @@ class Worker:
             self.waiting_on, self.waiting_for_issue = None, False
 
     def _wait(self, call: Call, box: Mailbox) -> Message:
-        if not autograd_profiler._is_profiler_enabled:  # a span, even a no-op, costs calls
+        # a span, even a no-op, costs calls
+        if not autograd_profiler._is_profiler_enabled:
             return box.replies.get()
         with span("wait", call.name):
             return box.replies.get()
@@ -207,7 +239,8 @@ class Worker:
         self.waiting_for_issue = False  # issued (or not to be): for hang reports
         if message is Signal.CANCEL:
             raise _cancelled(box)
-        assert isinstance(message, Reply)
+        if not isinstance(message, Reply):
+            raise AssertionError(f"unexpected message {message!r}")
         _take_back(call)
         if message.error is not None:
             raise message.error
@@ -232,7 +265,9 @@ class Worker:
         positions that any holder may issue, until the turn passes on."""
         # Another item's call must not join a CUDA graph this thread captures
         # (``_initialized`` first: no call on the CPU).
-        may_serve = not (torch.cuda._initialized and torch.cuda.is_current_stream_capturing())
+        may_serve = not (
+            torch.cuda._initialized and torch.cuda.is_current_stream_capturing()
+        )
         while isinstance(taken := self._turn.advance(issued, may_serve), Serve):
             if not self._issuer.clear_to_issue():
                 self._turn.hand_back(taken.box, taken.call)
@@ -250,4 +285,3 @@ class Worker:
         if for_issue:
             return f"item {box.index}: waiting for its turn to issue {call}"
         return f"item {box.index}: waiting for {call} to complete"
-
