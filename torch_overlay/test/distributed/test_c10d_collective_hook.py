@@ -13,7 +13,12 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.distributed.distributed_c10d as c10d
 from torch.distributed.distributed_c10d import _collective_hook
-from torch.testing._internal.common_utils import run_tests, TestCase
+from torch.testing._internal.common_utils import (
+    instantiate_parametrized_tests,
+    parametrize,
+    run_tests,
+    TestCase,
+)
 
 
 class _Recorder:
@@ -108,35 +113,34 @@ class CollectiveHookTest(TestCase):
         _collective_hook.fn = None
         super().tearDown()
 
-    def _check(self, module, calls):
-        for name, fn, args, kwargs in calls:
-            with self.subTest(entry_point=name, called=fn.__name__):
-                self.recorder.calls.clear()
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", FutureWarning)
-                    out = fn(*args, **kwargs)
-                self.assertIs(out, self.recorder.marker)
-                self.assertEqual(len(self.recorder.calls), 1)
-                got_fn, got_kwargs = self.recorder.calls[0]
-                entry_point = getattr(module, name)
-                self.assertIs(got_fn, entry_point)
-                # Every parameter, by keyword, so the hook can re-issue the call.
-                if fn is entry_point:
-                    expected = _expected_kwargs(entry_point, args, kwargs)
-                    self.assertEqual(list(got_kwargs), list(expected))
-                    for key, value in expected.items():
-                        self.assertIs(got_kwargs[key], value, key)
-                else:  # a deprecated alias that forwards to the entry point
-                    self.assertEqual(
-                        list(got_kwargs),
-                        list(inspect.signature(inspect.unwrap(entry_point)).parameters),
-                    )
+    def _check(self, module, name, fn, args, kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            out = fn(*args, **kwargs)
+        self.assertIs(out, self.recorder.marker)
+        self.assertEqual(len(self.recorder.calls), 1)
+        got_fn, got_kwargs = self.recorder.calls[0]
+        entry_point = getattr(module, name)
+        self.assertIs(got_fn, entry_point)
+        # Every parameter, by keyword, so the hook can re-issue the call.
+        if fn is entry_point:
+            expected = _expected_kwargs(entry_point, args, kwargs)
+            self.assertEqual(list(got_kwargs), list(expected))
+            for key, value in expected.items():
+                self.assertIs(got_kwargs[key], value, key)
+        else:  # a deprecated alias that forwards to the entry point
+            self.assertEqual(
+                list(got_kwargs),
+                list(inspect.signature(inspect.unwrap(entry_point)).parameters),
+            )
 
-    def test_every_c10d_entry_point_calls_the_hook(self):
-        self._check(c10d, _C10D_CALLS)
+    @parametrize("case", _C10D_CALLS, name_fn=lambda case: case[1].__name__)
+    def test_c10d_entry_point_calls_the_hook(self, case):
+        self._check(c10d, *case)
 
-    def test_every_functional_collective_calls_the_hook(self):
-        self._check(funcol, _FUNCOL_CALLS)
+    @parametrize("case", _FUNCOL_CALLS, name_fn=lambda case: case[1].__name__)
+    def test_functional_collective_calls_the_hook(self, case):
+        self._check(funcol, *case)
 
     def test_entry_points_are_covered(self):
         # Every public c10d function that communicates appears above.
@@ -296,6 +300,9 @@ class UnhookedPathsTest(TestCase):
         with torch._dynamo.config.patch(error_on_recompile=True):
             self.assertEqual(compiled(torch.ones(3)), torch.full((3,), 3.0))
         torch._dynamo.reset()
+
+
+instantiate_parametrized_tests(CollectiveHookTest)
 
 
 if __name__ == "__main__":

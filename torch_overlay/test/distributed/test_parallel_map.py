@@ -22,6 +22,7 @@ import sysconfig
 import threading
 import time
 import unittest
+from unittest import mock
 import warnings
 
 import torch
@@ -31,6 +32,7 @@ from torch.distributed.distributed_c10d import _collective_hook
 from torch.distributed.threading import _pool, coordinated, item_generator, parallel_map
 from torch.testing._internal.common_distributed import (
     MultiProcessTestCase,
+    requires_gloo,
     skip_if_lt_x_gpu,
 )
 from torch.testing._internal.common_utils import run_tests, TestCase
@@ -83,6 +85,7 @@ def _all_reduce_value(i, rank):
     return t[0].item()
 
 
+@requires_gloo()
 class _ParallelMapTestBase(MultiProcessTestCase):
     def setUp(self):
         super().setUp()
@@ -220,19 +223,19 @@ class _TestsForEveryWorldSize:
         # torchrun reports and the CPUs this process may use.
         self._init()
         cpus = sorted(os.sched_getaffinity(0))
-        os.environ["LOCAL_WORLD_SIZE"] = str(self.rank + 1)
         os.sched_setaffinity(0, cpus[: max(1, len(cpus) // (self.rank + 1))])
+        with mock.patch.dict(os.environ, {"LOCAL_WORLD_SIZE": str(self.rank + 1)}):
 
-        def item(i):
-            t = _full(i * 10 + self.rank)
-            dist.all_reduce(t)
-            u = _full(t[0].item() * (self.rank + 1))
-            dist.all_reduce(u)
-            return t[0].item(), u[0].item()
+            def item(i):
+                t = _full(i * 10 + self.rank)
+                dist.all_reduce(t)
+                u = _full(t[0].item() * (self.rank + 1))
+                dist.all_reduce(u)
+                return t[0].item(), u[0].item()
 
-        expected = [item(i) for i in range(6)]
-        self.assertEqual(parallel_map(item, range(6)), expected)
-        self._assert_clean()
+            expected = [item(i) for i in range(6)]
+            self.assertEqual(parallel_map(item, range(6)), expected)
+            self._assert_clean()
 
     def test_data_dependent_counts_under_random_delays(self):
         self._init()

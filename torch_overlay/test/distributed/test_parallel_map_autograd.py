@@ -24,7 +24,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.threading import coordinated, item_generator, parallel_map
-from torch.testing._internal.common_distributed import MultiProcessTestCase
+from torch.testing._internal.common_distributed import (
+    MultiProcessTestCase,
+    requires_gloo,
+)
 from torch.testing._internal.common_utils import run_tests
 
 
@@ -62,6 +65,7 @@ def _local_work(x, steps):
     return x
 
 
+@requires_gloo()
 class _AutogradTestBase(MultiProcessTestCase):
     def setUp(self):
         super().setUp()

@@ -19,6 +19,7 @@ import sys
 import sysconfig
 import threading
 import time
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.threading import _op_hook, _pool, coordinated, parallel_map
 from torch.testing._internal.common_distributed import (
     MultiProcessTestCase,
+    requires_gloo,
     skip_if_lt_x_gpu,
 )
 from torch.testing._internal.common_utils import run_tests, TestCase
@@ -39,6 +41,7 @@ _PG_TIMEOUT_S = 20.0
 _BYPASS = "outside the schedule"
 
 
+@requires_gloo()
 class _Base(MultiProcessTestCase):
     @property
     def world_size(self):
@@ -187,10 +190,10 @@ class BypassDetectionTest(_Base):
 
     def _check_raises(self, item):
         """Every rank raises in time, leaves no thread, and the process group works on."""
-        started = time.monotonic()
+        # In time: a rank left waiting on its peer would raise the process
+        # group's timeout error instead, which this does not match.
         with self.assertRaisesRegex(RuntimeError, _BYPASS):
             parallel_map(item, range(_ITEMS), max_workers=4)
-        self.assertLess(time.monotonic() - started, _PG_TIMEOUT_S)
         self._assert_clean()
         self._assert_usable_again()
         self._assert_clean()
@@ -295,8 +298,9 @@ class BypassDetectionTest(_Base):
         # A thread that fn starts is seen by the counters only; turned off, the
         # call returns (the refusals of direct calls stay on).
         self._init()
-        os.environ["TORCH_DISTRIBUTED_THREADING_DETECT_BYPASS"] = "0"
-        try:
+        with mock.patch.dict(
+            os.environ, {"TORCH_DISTRIBUTED_THREADING_DETECT_BYPASS": "0"}
+        ):
 
             def item(i):
                 t = self._value(i)
@@ -306,8 +310,6 @@ class BypassDetectionTest(_Base):
                 return t.shape
 
             self.assertEqual(parallel_map(item, range(4), max_workers=2), [(2,)] * 4)
-        finally:
-            del os.environ["TORCH_DISTRIBUTED_THREADING_DETECT_BYPASS"]
 
 
 class OpHookTest(TestCase):
