@@ -1,19 +1,32 @@
 # Owner(s): ["oncall: distributed"]
-"""The refusal of direct process-group calls lasts as long as the outermost call."""
+"""The refusals of direct process-group calls last as long as the outermost call."""
 
 from __future__ import annotations
 
 import torch.distributed as dist
-from torch.distributed.threading._bypass import RefuseProcessGroupCallsOnWorkers
+from torch.distributed.threading._bypass import RefuseCollectivesOnWorkers
 
 
 def test_refusal_lasts_until_the_outermost_call_ends():
     original = dist.ProcessGroup.__dict__["allreduce"]
-    with RefuseProcessGroupCallsOnWorkers():
+    with RefuseCollectivesOnWorkers():
         refusing = dist.ProcessGroup.__dict__["allreduce"]
         assert refusing is not original
         # The coordinating thread may start another call, from a coordinated function.
-        with RefuseProcessGroupCallsOnWorkers():
+        with RefuseCollectivesOnWorkers():
             pass
         assert dist.ProcessGroup.__dict__["allreduce"] is refusing
     assert dist.ProcessGroup.__dict__["allreduce"] is original
+
+
+def test_ddp_cpp_collectives_are_torch_own_outside_a_call():
+    # Importing the package patches nothing: outside a call, the C++
+    # collectives DDP reaches from Python are torch's own functions.
+    import torch.distributed.threading
+
+    own = torch._C._distributed_c10d
+    for name in ("_broadcast_coalesced", "_verify_params_across_processes"):
+        assert getattr(dist, name) is getattr(own, name), name
+        with RefuseCollectivesOnWorkers():
+            assert getattr(dist, name) is not getattr(own, name), name
+        assert getattr(dist, name) is getattr(own, name), name

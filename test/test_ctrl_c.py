@@ -88,7 +88,7 @@ def test_a_ctrl_c_raised_as_the_swaps_are_entered_undoes_them():
     # section ends, inside __enter__, so no __exit__ follows: __enter__ must
     # undo them itself.
     from torch.distributed.threading import _interrupts
-    from torch.distributed.threading._bypass import RefuseProcessGroupCallsOnWorkers as Refuse
+    from torch.distributed.threading._bypass import RefuseCollectivesOnWorkers as Refuse
 
     originals = [(owner, name, original) for owner, name, original, _ in Refuse.swaps()]
     _interrupts._sections.deferred = (signal.default_int_handler, signal.SIGINT)

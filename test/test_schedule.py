@@ -988,10 +988,10 @@ def world_of_one():
 def test_the_swaps_are_undone_when_a_call_raises():
     # The refusals of process-group methods and the hooked collective ops are
     # in place only while a call runs, however it ends.
-    from torch.distributed.threading._bypass import RefuseProcessGroupCallsOnWorkers
+    from torch.distributed.threading._bypass import RefuseCollectivesOnWorkers
     from torch.distributed.threading._op_hook import HookedOps
 
-    swaps = RefuseProcessGroupCallsOnWorkers.swaps() + HookedOps.swaps()
+    swaps = RefuseCollectivesOnWorkers.swaps() + HookedOps.swaps()
     now = inspect.getattr_static
 
     def item(i: int) -> int:

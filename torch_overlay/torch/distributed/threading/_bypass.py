@@ -7,11 +7,11 @@ Python entry point and functional collective op; not a direct
 ``ProcessGroup`` method call, a C++ caller (DDP, autograd's device threads
 running a communicating backward), nor a thread that ``fn`` starts.
 
-*Refused* before anything is issued, while a top-level call runs: the
-collective methods of ``ProcessGroup`` and ``Backend`` on worker threads
-(:class:`RefuseProcessGroupCallsOnWorkers`), and the C++ entry points that
-DDP reaches from Python (:func:`refuse_cpp_collectives`; a mismatched
-collective there can make gloo abort the process).
+*Refused* on worker threads before anything is issued, while a top-level
+call runs (:class:`RefuseCollectivesOnWorkers`): the collective methods of
+``ProcessGroup`` and ``Backend``, and the C++ entry points that DDP reaches
+from Python (a mismatched collective there can make gloo abort the
+process). Outside a call these are torch's own, untouched.
 
 *Detected* after the fact, by counters: process groups count the
 collectives issued on them (``_get_sequence_number_for_group``). The
@@ -277,16 +277,7 @@ def _refusing_on_workers(name: str, original: Callable[..., Any]) -> Callable[..
             )
         return original(*args, **kwargs)
 
-    refuse_on_workers.__wrapped_cpp_collective__ = True  # type: ignore[attr-defined]
     return refuse_on_workers
-
-
-def refuse_cpp_collectives() -> None:
-    """Make the C++ collectives reached from Python refuse to run on workers; idempotent."""
-    for name in _CPP_COLLECTIVES:
-        original = getattr(dist, name, None)
-        if original is not None and not hasattr(original, "__wrapped_cpp_collective__"):
-            setattr(dist, name, _refusing_on_workers(name, original))
 
 
 # The collective methods of ProcessGroup and Backend (a release has a subset).
@@ -319,11 +310,12 @@ def _refusing_method(cls_name: str, name: str, original: Any) -> Callable[..., A
     return refuse_on_workers
 
 
-class RefuseProcessGroupCallsOnWorkers(SwappedWhileEntered):
-    """While entered, ProcessGroup's and Backend's collective methods raise on workers.
+class RefuseCollectivesOnWorkers(SwappedWhileEntered):
+    """While entered, ProcessGroup's and Backend's collective methods, and the
+    C++ collectives DDP calls from Python, raise on workers.
 
     Entered by a top-level parallel_map around its schedule (see ``_swap``),
-    so that code outside parallel_map pays nothing.
+    so that code outside parallel_map runs torch's own and pays nothing.
     """
 
     @classmethod
@@ -343,4 +335,9 @@ class RefuseProcessGroupCallsOnWorkers(SwappedWhileEntered):
                             _refusing_method(owner.__name__, name, original),
                         )
                     )
+        swaps.extend(
+            (dist, name, original, _refusing_on_workers(name, original))
+            for name in _CPP_COLLECTIVES
+            if (original := getattr(dist, name, None)) is not None
+        )
         return swaps

@@ -134,7 +134,7 @@ class HookedOps(SwappedWhileEntered):
     """While entered, the collective ops hand their calls to the collective hook.
 
     Entered by a top-level ``parallel_map`` around its schedule, together with
-    :class:`~torch.distributed.threading._bypass.RefuseProcessGroupCallsOnWorkers`
+    :class:`~torch.distributed.threading._bypass.RefuseCollectivesOnWorkers`
     (see ``_swap``).
     """
 

@@ -13,8 +13,7 @@ from torch.distributed.distributed_c10d import _collective_hook
 from . import _op_hook
 from ._bypass import (
     make_detector,
-    refuse_cpp_collectives,
-    RefuseProcessGroupCallsOnWorkers,
+    RefuseCollectivesOnWorkers,
 )
 from ._caller_state import CallerState
 from ._coordinator import Coordinator
@@ -28,10 +27,6 @@ if TYPE_CHECKING:
 
 
 __all__ = ["parallel_map"]
-
-# DDP calls C++ collectives: make them refuse on workers (compiled code's
-# functional collective ops are hooked while a call runs, see _op_hook).
-refuse_cpp_collectives()
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -308,7 +303,7 @@ def parallel_map(
             )
             if nested:  # the outer call refuses direct process-group calls
                 return schedule.run()
-            with RefuseProcessGroupCallsOnWorkers(), _op_hook.HookedOps():
+            with RefuseCollectivesOnWorkers(), _op_hook.HookedOps():
                 return schedule.run()
         finally:
             # Worker threads set the process-wide default that new threads start with.

@@ -1,10 +1,11 @@
 """Attributes replaced only while a top-level ``parallel_map`` runs.
 
 Two guards cannot live in ``distributed_c10d``'s entry points: the refusal of
-the collective methods of ``ProcessGroup`` and ``Backend``, which a worker
-could call directly (see ``_bypass``), and the hook of the functional
-collective ops, which compiled code calls directly (see ``_op_hook``). Both
-replace attributes of torch's objects, and both only for as long as a
+the collective methods of ``ProcessGroup`` and ``Backend`` and of the C++
+collectives DDP calls from Python, which a worker could reach directly (see
+``_bypass``), and the hook of the functional collective ops, which compiled
+code calls directly (see ``_op_hook``). Both replace attributes of torch's
+objects, and both only for as long as a
 top-level ``parallel_map`` runs, so that code outside it runs exactly what it
 ran before and pays nothing. :class:`SwappedWhileEntered` is that one rule:
 the first entry replaces every attribute, the last exit puts the originals
