@@ -33,6 +33,7 @@ from torch.distributed.threading import _pool, coordinated, item_generator, para
 from torch.testing._internal.common_distributed import (
     MultiProcessTestCase,
     requires_gloo,
+    requires_nccl,
     skip_if_lt_x_gpu,
 )
 from torch.testing._internal.common_utils import run_tests, TestCase
@@ -85,7 +86,6 @@ def _all_reduce_value(i, rank):
     return t[0].item()
 
 
-@requires_gloo()
 class _ParallelMapTestBase(MultiProcessTestCase):
     def setUp(self):
         super().setUp()
@@ -126,6 +126,7 @@ class _ParallelMapTestBase(MultiProcessTestCase):
 class _TestsForEveryWorldSize:
     """Mixed into the test classes of each world size."""
 
+    @requires_gloo()
     def test_tensor_collectives(self):
         self._init()
         ws, r = self.world_size, self.rank
@@ -216,6 +217,7 @@ class _TestsForEveryWorldSize:
         self._assert_same_on_every_rank(issued)
         self._assert_clean()
 
+    @requires_gloo()
     @unittest.skipUnless(hasattr(os, "sched_setaffinity"), "needs sched_setaffinity")
     def test_default_max_workers_is_the_same_on_every_rank(self):
         # The schedule depends on max_workers, so its default must not depend
@@ -237,6 +239,7 @@ class _TestsForEveryWorldSize:
             self.assertEqual(parallel_map(item, range(6)), expected)
             self._assert_clean()
 
+    @requires_gloo()
     def test_data_dependent_counts_under_random_delays(self):
         self._init()
         ws, r = self.world_size, self.rank
@@ -271,6 +274,7 @@ class _TestsForEveryWorldSize:
                 self._assert_same_on_every_rank((max_workers, issued))
         self._assert_clean()
 
+    @requires_gloo()
     def test_coalesced_all_reduces_under_random_delays(self):
         self._init()
         ws, r = self.world_size, self.rank
@@ -326,6 +330,7 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
     def world_size(self):
         return 2
 
+    @requires_gloo()
     def test_point_to_point(self):
         self._init()
         r = self.rank
@@ -371,6 +376,7 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         self._assert_same_on_every_rank([(i, c) for i, c, _ in issued])
         self._assert_clean()
 
+    @requires_gloo()
     def test_object_collectives(self):
         self._init()
         ws, r = self.world_size, self.rank
@@ -427,6 +433,7 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         self._assert_same_on_every_rank(shared)
         self._assert_clean()
 
+    @requires_gloo()
     def test_group_creation(self):
         self._init()
         ws, r = self.world_size, self.rank
@@ -458,6 +465,7 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
             self.assertEqual(split_error, serial_error)
         self._assert_clean()
 
+    @requires_gloo()
     def test_functional_collectives_and_dtensor(self):
         self._init()
         ws, r = self.world_size, self.rank
@@ -516,6 +524,7 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
             )
         self._assert_clean()
 
+    @requires_gloo()
     def test_collectives_run_under_the_items_modes(self):
         # A mode the caller entered sees every collective of the items once,
         # whoever issues it, and a functional collective under an item's
@@ -546,6 +555,7 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         self.assertEqual(comm.get_total_counts(), 10 * 5)
         self._assert_clean()
 
+    @requires_gloo()
     def test_coalescing_keeps_process_groups_apart(self):
         # All-reduces alternate between the world group and a group of this
         # rank alone: only calls of the same group may share a collective.
@@ -576,6 +586,7 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         self.assertEqual(results, expected)
         self._assert_clean()
 
+    @requires_gloo()
     def test_symmetric_failure(self):
         self._init()
         ws = self.world_size
@@ -602,6 +613,7 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
                 self.assertEqual(t, _full(ws * failing + ws * (ws - 1) // 2))
         self._assert_clean()
 
+    @requires_gloo()
     def test_collective_error_raises_in_the_worker(self):
         self._init()
         ws = self.world_size
@@ -626,6 +638,7 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
             self.assertEqual(t, _full(ws * i))
         self._assert_clean()
 
+    @requires_gloo()
     def test_nested_parallel_map(self):
         self._init()
         ws, r = self.world_size, self.rank
@@ -650,6 +663,7 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         self._assert_same_on_every_rank(issued)
         self._assert_clean()
 
+    @requires_gloo()
     def test_schedule_check(self):
         self._init()
         r = self.rank
@@ -687,6 +701,7 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
             )
         self._assert_clean()
 
+    @requires_gloo()
     def test_refused_call_does_not_disturb_the_running_one(self):
         # Both calls check the schedule (as TORCH_DISTRIBUTED_DEBUG=DETAIL
         # would have them), and only rank 0 makes the second call: its
@@ -727,6 +742,7 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         self.assertEqual(results, [2.0 * i + 1 for i in range(6)])
         self._assert_clean()
 
+    @requires_gloo()
     def test_schedule_check_compares_item_counts(self):
         # Rank 0 has one item, rank 1 two: the check must say so, with one
         # worker or several, instead of letting both ranks time out.
@@ -745,6 +761,7 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
                 )
         self._assert_clean()
 
+    @requires_gloo()
     def test_item_generators_agree_across_ranks(self):
         # LayerDrop-like items: their own random draws decide which
         # collectives they issue. Per-rank delays differ; with item_generator
@@ -774,6 +791,7 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         self._assert_same_on_every_rank((results, issued))
         self._assert_clean()
 
+    @requires_gloo()
     def test_iterable_that_calls_collectives(self):
         # A sampler that broadcasts each index from rank 0: the iterable runs
         # on the calling thread at fixed points of the schedule, so its
@@ -796,6 +814,7 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         self._assert_same_on_every_rank(issued)
         self._assert_clean()
 
+    @requires_gloo()
     def test_several_iterables(self):
         self._init()
         ws, r = self.world_size, self.rank
@@ -867,6 +886,7 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
             parallel_map(item, range(3), 5, max_workers=2)
         self._assert_clean()
 
+    @requires_gloo()
     def test_coordinated(self):
         self._init()
         order = []
@@ -918,6 +938,7 @@ class ParallelMapCudaTest(_ParallelMapTestBase):
             self.assertEqual(t, torch.full((4,), float(2 * i + 1)))
         self._assert_clean()
 
+    @requires_gloo()
     @skip_if_lt_x_gpu(1)
     def test_stream_per_worker(self):
         r = self.rank
@@ -945,10 +966,12 @@ class ParallelMapCudaTest(_ParallelMapTestBase):
         )
         self._assert_clean()
 
+    @requires_gloo()
     @skip_if_lt_x_gpu(1)
     def test_gloo_cuda_tensors_on_worker_streams(self):
         self._check_issued_on_worker_stream("gloo")
 
+    @requires_nccl()
     @skip_if_lt_x_gpu(2)
     def test_nccl_on_worker_streams(self):
         self._check_issued_on_worker_stream("nccl")

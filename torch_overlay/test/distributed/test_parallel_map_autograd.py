@@ -65,7 +65,6 @@ def _local_work(x, steps):
     return x
 
 
-@requires_gloo()
 class _AutogradTestBase(MultiProcessTestCase):
     def setUp(self):
         super().setUp()
@@ -96,6 +95,7 @@ class ParallelMapBackwardOrderTest(_AutogradTestBase):
     def world_size(self):
         return 2
 
+    @requires_gloo()
     def test_backward_after_the_call_pairs_collectives_as_the_loop(self):
         # Each item: local work whose length differs per rank (sequence
         # lengths), then a tensor-parallel identity. The caller backpropagates
@@ -126,6 +126,7 @@ class ParallelMapBackwardOrderTest(_AutogradTestBase):
             )
             self.assertEqual(grads, expected, f"max_workers={max_workers}")
 
+    @requires_gloo()
     def test_a_functional_collectives_node_belongs_to_its_item(self):
         # The functional all_reduce is issued by another thread; its autograd
         # node must be numbered as the item's, between the item's other nodes,
@@ -161,6 +162,7 @@ class ParallelMapBackwardOrderTest(_AutogradTestBase):
             run(lambda f, xs: [f(x) for x in xs], self._leaves(4)), expected
         )
 
+    @requires_gloo()
     def test_randomized_gradients_equal_the_loops(self):
         # Items mix tensor-parallel identities and functional collectives with
         # autograd, after random per-rank local work; some backpropagate
@@ -247,6 +249,7 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
         sum(out.sum() for out in map_fn(item, range(6))).backward()
         return visits
 
+    @requires_gloo()
     def test_a_served_functional_op_is_numbered_as_its_items(self):
         self._init()
         serial = self._visits(lambda f, xs: [f(x) for x in xs], 2)
@@ -256,6 +259,7 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
                 serial,
             )
 
+    @requires_gloo()
     def test_calls_nested_in_items_and_in_the_iterable_keep_the_loops_order(self):
         # A parallel_map inside an item, or inside the iterable's next(), runs
         # within the range of numbers of that item (or of the item next()
@@ -287,6 +291,7 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
         serial = run(lambda f, xs: [f(x) for x in xs])
         self.assertEqual(run(lambda f, xs: parallel_map(f, xs, max_workers=2)), serial)
 
+    @requires_gloo()
     def test_items_inherit_every_piece_of_the_callers_thread_state(self):
         # Every getter of per-thread state that torch has (found by name, so a
         # getter a later release adds is compared too), and the state the
@@ -343,6 +348,7 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
             }
             self.assertEqual(differing, {}, f"item {index}: (caller, item)")
 
+    @requires_gloo()
     def test_saved_tensor_hooks_pack_in_items_as_in_the_loop(self):
         self._init()
         packed = []
@@ -367,6 +373,7 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
         self.assertEqual(serial[0], 12)
         self.assertEqual(run(lambda f, xs: parallel_map(f, xs, max_workers=2)), serial)
 
+    @requires_gloo()
     def test_mutation_of_saved_tensors_is_allowed_as_in_the_loop(self):
         self._init()
 
@@ -386,6 +393,7 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
         serial = run(lambda f, xs: [f(x) for x in xs])
         self.assertEqual(run(lambda f, xs: parallel_map(f, xs, max_workers=2)), serial)
 
+    @requires_gloo()
     def test_checkpoint_around_parallel_map_is_refused_and_inside_items_works(self):
         self._init()
         leaves = self._leaves(4)
@@ -408,6 +416,7 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
         sum(parallel_map(checkpointed, range(4), max_workers=2)).backward()
         self.assertEqual(self._grads(leaves), serial)
 
+    @requires_gloo()
     def test_autocast_without_its_cache_stays_without_it(self):
         self._init()
 
@@ -428,6 +437,7 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
         self.assertEqual(serial[0], (64.0, 128.0))
         self.assertEqual(run(lambda f, xs: parallel_map(f, xs, max_workers=2)), serial)
 
+    @requires_gloo()
     def test_an_items_own_autocast_region_keeps_the_cache_as_the_loop_does(self):
         # Autocast's cache of casts is process-wide and cleared when the
         # outermost region ends. An item's own region is nested in the
@@ -453,6 +463,7 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
         self.assertEqual(serial, (64.0, 64.0))
         self.assertEqual(run(lambda f, xs: parallel_map(f, xs, max_workers=2)), serial)
 
+    @requires_gloo()
     def test_coordinated_functions_run_in_the_items_state_and_context(self):
         self._init()
         var = contextvars.ContextVar("var", default="caller")
@@ -491,6 +502,7 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
         # the coordinating thread's own is back
         self.assertTrue(torch.is_grad_enabled())
 
+    @requires_gloo()
     def test_functional_collective_in_vmap_and_grad_as_in_the_loop(self):
         self._init()
         group = dist.group.WORLD
@@ -518,6 +530,7 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
             parallel = ("raised", type(error), str(error))
         self.assertEqual(parallel, serial)
 
+    @requires_gloo()
     def test_coalescing_leaves_what_c10d_refuses_to_c10d(self):
         self._init()
 
@@ -541,6 +554,7 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
         )
         self.assertEqual(len(notes), 3, notes)
 
+    @requires_gloo()
     def test_an_item_beyond_its_range_of_numbers_raises(self):
         from torch.distributed.threading import _thread_state
 
@@ -558,6 +572,7 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
         ):
             parallel_map(item, range(3), max_workers=2)
 
+    @requires_gloo()
     def test_calls_that_build_no_graph_use_no_sequence_numbers(self):
         # Ranges are reserved, numbers used: a call (or many nested calls)
         # that creates no autograd node leaves the counter where it was, so

@@ -41,7 +41,6 @@ _PG_TIMEOUT_S = 20.0
 _BYPASS = "outside the schedule"
 
 
-@requires_gloo()
 class _Base(MultiProcessTestCase):
     @property
     def world_size(self):
@@ -139,6 +138,7 @@ class CompiledCollectivesTest(_Base):
                 self.assertEqual([t.tolist() for t in out], list(expected(5)))
         self._assert_clean()
 
+    @requires_gloo()
     def test_coordinated_in_compiled_code(self):
         # Traced, a coordinated function would be inlined and run by each worker
         # in timing order; it breaks the graph instead, and fullgraph says why.
@@ -175,12 +175,15 @@ class CompiledCollectivesTest(_Base):
             torch.compile(step, backend="eager", fullgraph=True)(torch.zeros(1))
         torch._dynamo.reset()
 
+    @requires_gloo()
     def test_compiled_eager(self):
         self._check_backend("eager")
 
+    @requires_gloo()
     def test_compiled_aot_eager(self):
         self._check_backend("aot_eager")
 
+    @requires_gloo()
     def test_compiled_inductor(self):
         self._check_backend("inductor")
 
@@ -190,14 +193,17 @@ class BypassDetectionTest(_Base):
 
     def _check_raises(self, item):
         """Every rank raises in time, leaves no thread, and the process group works on."""
-        # In time: a rank left waiting on its peer would raise the process
-        # group's timeout error instead, which this does not match.
-        with self.assertRaisesRegex(RuntimeError, _BYPASS):
+        with self.assertRaisesRegex(RuntimeError, _BYPASS) as raised:
             parallel_map(item, range(_ITEMS), max_workers=4)
+        # In time: an item left waiting on its peer until the process group's
+        # timeout would add its own error (a timeout) as a note.
+        for note in getattr(raised.exception, "__notes__", []):
+            self.assertRegex(note, "CollectiveBypassError|CollectiveCancelledError")
         self._assert_clean()
         self._assert_usable_again()
         self._assert_clean()
 
+    @requires_gloo()
     def test_process_group_method(self):
         def item(i):
             time.sleep(self.delays[i])
@@ -208,6 +214,7 @@ class BypassDetectionTest(_Base):
         self._init()
         self._check_raises(item)
 
+    @requires_gloo()
     def test_process_group_outside_the_registry(self):
         # Built directly, the group has no counter the detector knows of: the
         # call itself must refuse.
@@ -222,6 +229,7 @@ class BypassDetectionTest(_Base):
         side = dist.ProcessGroupGloo(store, self.rank, self.world_size)
         self._check_raises(item)
 
+    @requires_gloo()
     def test_thread_started_by_fn(self):
         def item(i):
             time.sleep(self.delays[i])
@@ -234,6 +242,7 @@ class BypassDetectionTest(_Base):
         self._init()
         self._check_raises(item)
 
+    @requires_gloo()
     def test_coalescing_manager(self):
         def item(i):
             time.sleep(self.delays[i])
@@ -245,6 +254,7 @@ class BypassDetectionTest(_Base):
         self._init()
         self._check_raises(item)
 
+    @requires_gloo()
     def test_ddp_forward_broadcasts_buffers(self):
         model = None
 
@@ -260,6 +270,7 @@ class BypassDetectionTest(_Base):
         model = torch.nn.parallel.DistributedDataParallel(torch.nn.BatchNorm1d(2))
         self._check_raises(item)
 
+    @requires_gloo()
     def test_ddp_construction(self):
         def item(i):
             time.sleep(self.delays[i])
@@ -271,6 +282,7 @@ class BypassDetectionTest(_Base):
         self._init()
         self._check_raises(item)
 
+    @requires_gloo()
     @skip_if_lt_x_gpu(1)
     def test_backward_on_autograd_device_thread(self):
         # CUDA backward runs on autograd's device threads, which have no hook.
@@ -294,6 +306,7 @@ class BypassDetectionTest(_Base):
         self._init()
         self._check_raises(item)
 
+    @requires_gloo()
     def test_detection_can_be_turned_off(self):
         # A thread that fn starts is seen by the counters only; turned off, the
         # call returns (the refusals of direct calls stay on).
