@@ -183,15 +183,21 @@ def _rank_body(workload: str, items: int, max_workers: int, repeat: int | None,
         for _ in _rounds(repeat, seconds):
             # Most threads first: idle OpenMP threads spin for a while after a
             # parallel region, which should not land on a loop that runs threads.
+            # A barrier (untimed) before each timed loop: the raw threads at
+            # world size > 1 skip their collectives, and a rank running ahead
+            # would otherwise have its peer's lag land in its next timed loop.
             for n in reversed(thread_counts):
                 torch.set_num_threads(n)
+                dist.barrier()
                 t0 = time.perf_counter()
                 list(map(fn, *lists))
                 serial_times[n].append(time.perf_counter() - t0)
             torch.set_num_threads(cores_per_rank)
+            dist.barrier()
             t0 = time.perf_counter()
             parallel = parallel_map(fn, *lists, max_workers=max_workers)
             parallel_times.append(time.perf_counter() - t0)
+            dist.barrier()
             raw_times.append(raw.seconds(fn, lists))
             if parallel != expected:
                 raise SystemExit(f"rank {rank}: parallel_map results {parallel} differ from "
