@@ -15,10 +15,18 @@ tracing), so a function traced on a thread with a hook gets the same graph
 and guards as on any other thread; compiled code reaches the hook's owner
 through the functional collective ops it calls.
 
-The edits are generated from each release's own source (its parameters,
-overloads and helper names differ between releases) rather than kept as
-hand-made diffs.
-``scripts/series export`` writes the result as ``patches/edits/<X.Y>/*.diff``.
+DDP calls two C++ collectives from Python (``dist._broadcast_coalesced``,
+``dist._verify_params_across_processes``). Both go through one function of
+``torch/distributed/utils.py`` each, which gets the same hook lines; the
+two other callers of ``_broadcast_coalesced`` (DDP's delayed all-reduce
+setup, ``_state_dict_utils``) are made to call that function instead.
+
+An edit consists of *steps* (``STEPS``), applied in order; the series puts
+some steps of one file in different patches (``split_group``'s rename comes
+before the hook). The edits are generated from each release's own source
+(its parameters, overloads and helper names differ between releases) rather
+than kept as hand-made diffs. ``scripts/series export`` writes the result as
+``patches/edits/<X.Y>/*.diff``.
 """
 
 from __future__ import annotations
@@ -28,6 +36,18 @@ import re
 
 C10D = "torch/distributed/distributed_c10d.py"
 FUNCOL = "torch/distributed/_functional_collectives.py"
+UTILS = "torch/distributed/utils.py"
+DDP = "torch/nn/parallel/distributed.py"
+STATE_DICT_UTILS = "torch/distributed/_state_dict_utils.py"
+
+# Each edited file's steps, in the order they are applied.
+STEPS: dict[str, tuple[str, ...]] = {
+    C10D: ("split_group", "hook"),
+    FUNCOL: ("hook",),
+    UTILS: ("hook",),
+    DDP: ("reroute",),
+    STATE_DICT_UTILS: ("reroute",),
+}
 
 # Entry points, by the name the current release uses. A name in ALIASES is
 # hooked under its older name where the newer one does not exist yet (and
@@ -48,7 +68,11 @@ _FUNCOL_ENTRY_POINTS = (
     "all_reduce_coalesced", "all_gather_single_coalesced",
     "reduce_scatter_single_coalesced", "all_to_all_single",
 )
-_ALIASES = {
+# The Python functions through which DDP reaches its C++ collectives.
+_UTILS_ENTRY_POINTS = ("_verify_param_shape_across_processes", "_sync_params_and_buffers")
+_CPP_BROADCAST = "dist._broadcast_coalesced"
+_ALIASES: dict[str, dict[str, str]] = {
+    UTILS: {},
     C10D: {
         "all_gather_single": "all_gather_into_tensor",
         "reduce_scatter_single": "reduce_scatter_tensor",
@@ -101,7 +125,9 @@ def _definitions(tree: ast.Module) -> dict[str, ast.FunctionDef]:
 
 
 def _hooked(path: str, functions: dict[str, ast.FunctionDef]) -> list[ast.FunctionDef]:
-    names = _C10D_ENTRY_POINTS if path == C10D else _FUNCOL_ENTRY_POINTS
+    names = {C10D: _C10D_ENTRY_POINTS, FUNCOL: _FUNCOL_ENTRY_POINTS}.get(
+        path, _UTILS_ENTRY_POINTS
+    )
     chosen = []
     for name in names:
         if name not in functions:
@@ -111,7 +137,7 @@ def _hooked(path: str, functions: dict[str, ast.FunctionDef]) -> list[ast.Functi
     return chosen
 
 
-def _hook_lines(fn: ast.FunctionDef, indent: str) -> list[str]:
+def _hook_lines(fn: ast.FunctionDef, indent: str, hook: str) -> list[str]:
     a = fn.args
     if a.vararg or a.kwarg or a.posonlyargs:
         raise EditError(f"{fn.name}: *args, **kwargs or positional-only parameters")
@@ -121,7 +147,7 @@ def _hook_lines(fn: ast.FunctionDef, indent: str) -> list[str]:
     head = "\n".join([
         f"{indent}if (",
         f"{indent}    not torch.compiler.is_dynamo_compiling()",
-        f"{indent}    and (hook := _collective_hook.fn) is not None",
+        f"{indent}    and (hook := {hook}) is not None",
         f"{indent}):",
     ])
     one = f"{indent}    return hook({fn.name}, " + ", ".join(f"{n}={n}" for n in names) + ")"
@@ -183,24 +209,85 @@ def _ensure_imports(lines: list[str], tree: ast.Module, path: str) -> None:
         lines.insert(lines.index("import sys") + 1, "import threading")
 
 
-def edit(path: str, source: str) -> str:
-    """``source`` (an upstream release's ``path``) with the hook added."""
+def _add_hooks(path: str, source: str) -> str:
     tree = ast.parse(source)
     lines = source.splitlines()
-    functions = _definitions(tree)
-    hooked = _hooked(path, functions)
-    if path == C10D and "split_group" in functions:
-        _rename_shadowing_loop_variable(lines, functions["split_group"])
+    # utils.py is imported where torch.distributed may be unavailable: it
+    # reaches the hook through the module at call time.
+    hook = "dist.distributed_c10d._collective_hook.fn" if path == UTILS else "_collective_hook.fn"
     inserts = []
-    for fn in hooked:
+    for fn in _hooked(path, _definitions(tree)):
         after, after_torch_function = _insertion(fn)
-        new = _hook_lines(fn, indent=" " * (fn.body[0].col_offset))
+        new = _hook_lines(fn, " " * (fn.body[0].col_offset), hook)
         inserts.append((after, ["", *new] if after_torch_function else [*new, ""]))
     for after, new in sorted(inserts, reverse=True):
         lines[after:after] = new
     # Imports and the hook class sit above every function: edit them last.
-    _ensure_imports(lines, tree, path)
+    if path != UTILS:
+        _ensure_imports(lines, tree, path)
     return "\n".join(lines) + "\n"
+
+
+def _rename_split_group(source: str) -> str:
+    lines = source.splitlines()
+    functions = _definitions(ast.parse(source))
+    if "split_group" in functions:
+        _rename_shadowing_loop_variable(lines, functions["split_group"])
+    return "\n".join(lines) + "\n"
+
+
+def _broadcast_calls(tree: ast.AST) -> list[ast.Call]:
+    return [
+        n for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and ast.unparse(n.func) == _CPP_BROADCAST
+    ]
+
+
+def _reroute_broadcasts(path: str, source: str) -> str:
+    """Make ``dist._broadcast_coalesced(...)`` calls ``_sync_params_and_buffers(...)``.
+
+    Same arguments, same effect (that function only skips an empty list), and
+    the call now passes the hook in ``torch/distributed/utils.py``.
+    """
+    tree = ast.parse(source)
+    calls = _broadcast_calls(tree)
+    if not calls:
+        raise EditError(f"{path}: no {_CPP_BROADCAST}(...) call")
+    lines = source.splitlines()
+    for call in sorted(calls, key=lambda c: (c.func.lineno, c.func.col_offset), reverse=True):
+        if call.func.lineno != call.func.end_lineno or call.keywords or len(call.args) != 4:
+            raise EditError(f"{path}:{call.lineno}: {_CPP_BROADCAST} not called as expected")
+        i, start, end = call.func.lineno - 1, call.func.col_offset, call.func.end_col_offset
+        lines[i] = lines[i][:start] + "_sync_params_and_buffers" + lines[i][end:]
+    if path == DDP:
+        anchor = "        _sync_module_states,"
+        if lines.count(anchor) != 1:
+            raise EditError(f"{path}: no single line {anchor!r} to import after")
+        lines.insert(lines.index(anchor) + 1, "        _sync_params_and_buffers,")
+    else:
+        anchor = "from torch.distributed._functional_collectives import AsyncCollectiveTensor"
+        if anchor not in lines:
+            raise EditError(f"{path}: no line {anchor!r}")
+        lines.insert(
+            lines.index(anchor) + 1, "from torch.distributed.utils import _sync_params_and_buffers"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def edit(path: str, source: str, through: str | None = None) -> str:
+    """``source`` (an upstream release's ``path``) edited: every step of
+    ``STEPS[path]``, or those up to and including ``through``."""
+    steps = STEPS[path]
+    if through is not None:
+        steps = steps[: steps.index(through) + 1]
+    for step in steps:
+        if step == "split_group":
+            source = _rename_split_group(source)
+        elif step == "hook":
+            source = _add_hooks(path, source)
+        else:
+            source = _reroute_broadcasts(path, source)
+    return source
 
 
 def check(path: str, edited: str) -> list[str]:
@@ -208,7 +295,11 @@ def check(path: str, edited: str) -> list[str]:
     exactly its parameters, and each entry point present must have one."""
     tree = ast.parse(edited)
     problems = []
+    if path in (DDP, STATE_DICT_UTILS):
+        return [f"{path}:{c.lineno}: calls {_CPP_BROADCAST}" for c in _broadcast_calls(tree)]
     functions = _definitions(tree)
+    if path == UTILS:
+        problems += [f"{name}: missing" for name in _UTILS_ENTRY_POINTS if name not in functions]
     for fn in _hooked(path, functions):
         calls = [
             n for n in ast.walk(fn)

@@ -30,6 +30,9 @@ RELEASES = {
 FILES = (
     "torch/distributed/distributed_c10d.py",
     "torch/distributed/_functional_collectives.py",
+    "torch/distributed/utils.py",
+    "torch/distributed/_state_dict_utils.py",
+    "torch/nn/parallel/distributed.py",
     "torch/_C/_autograd.pyi",
     "torch/version.py",
 )

@@ -20,11 +20,12 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import _hook_edits  # noqa: E402
+import _stack  # noqa: E402
 import _upstream_files  # noqa: E402
 
 OVERLAY = [sys.executable, str(REPO / "scripts" / "overlay")]
 SERIES = [sys.executable, str(REPO / "scripts" / "series")]
-EDITED = ["torch/distributed/distributed_c10d.py", "torch/distributed/_functional_collectives.py"]
+EDITED = list(_hook_edits.STEPS)
 # The series' C++ edits: no C++ source is at hand here, so git am leaves them out.
 CPP_EXCLUDES = ["--exclude=aten/*", "--exclude=torch/csrc/*"]
 
@@ -58,14 +59,16 @@ def site(tmp_path, pristine) -> Path:
     return site
 
 
-def test_install_uninstall_round_trip(site):
+def test_install_uninstall_round_trip(site, tmp_path):
     before = tree_digest(site)
+    shutil.copytree(site, tmp_path / "before")
     assert run([*OVERLAY, "status", "--site", str(site)]).returncode == 1
     out = run([*OVERLAY, "install", "--site", str(site)])
     assert out.returncode == 0, out.stderr
     assert (site / "torch/distributed/threading/__init__.py").exists()
     for path in EDITED:
-        assert "_collective_hook" in (site / path).read_text()
+        assert _hook_edits.check(path, (site / path).read_text()) == []
+        assert (site / path).read_text() != (tmp_path / "before" / path).read_text()
     assert run([*OVERLAY, "status", "--site", str(site)]).returncode == 0
 
     installed = tree_digest(site)
@@ -148,13 +151,7 @@ def test_series_applies_with_git_am_and_equals_the_overlay(tmp_path, pristine, s
     out = run([*git, "am", "--keep-non-patch", *CPP_EXCLUDES, *patches], cwd=repo)
     assert out.returncode == 0, out.stdout + out.stderr
     subjects = run(["git", "log", "--format=%s", "--reverse"], cwd=repo).stdout.splitlines()
-    assert subjects[1:] == [
-        "[c10d] Add a per-thread hook in front of every collective entry point",
-        "[autograd] Let Python number autograd nodes and carry thread-local state to another "
-        "thread",
-        "[c10d] Add torch.distributed.threading.parallel_map",
-        "[docs] Document torch.distributed.threading",
-    ]
+    assert subjects[1:] == [patch.subject for patch in _stack.load().patches]
     for path in [*EDITED, "torch/_C/_autograd.pyi"]:
         assert (repo / path).read_bytes() == (site / path).read_bytes(), path
     for path in (REPO / "torch_overlay").rglob("*"):
@@ -214,3 +211,32 @@ def test_the_cpp_patch_compiles_against_the_wheels_headers(tmp_path):
                f"-I{sysconfig.get_paths()['include']}", f"-I{torch_dir / 'include'}",
                f"-I{torch_dir / 'include/torch/csrc/api/include'}", str(source)])
     assert out.returncode == 0, source.read_text() + out.stderr[-3000:]
+
+
+def test_each_prefix_of_the_stack_installs_its_own_tree(pristine, tmp_path):
+    # ``overlay install --prefix N`` (what ``series test`` runs each patch's
+    # tests on) lays exactly the tree after patch N onto the release.
+    stack = _stack.load()
+    for patch in stack.patches:
+        site = tmp_path / str(patch.number)
+        shutil.copytree(pristine, site)
+        (site / "torch" / "version.py").write_text("__version__ = '2.13.0+cpu'\n")
+        out = run([*OVERLAY, "install", "--site", str(site), "--prefix", str(patch.number)])
+        assert out.returncode == 0, out.stdout + out.stderr
+        for path, text in stack.states[patch.number].items():
+            if path.startswith("torch/"):
+                assert (site / path).is_file() == (text is not None), (patch.number, path)
+                if text is not None:
+                    assert (site / path).read_text() == text, (patch.number, path)
+
+
+def test_a_peel_that_no_longer_applies_is_an_error(tmp_path, monkeypatch):
+    # A peel names code of the final tree; when that code moves, the stack
+    # must fail loudly rather than produce a wrong earlier tree.
+    peel = next(p.peel for p in _stack.load().patches if p.peel is not None)
+    broken = tmp_path / peel.name
+    broken.write_text(peel.read_text().replace("\n-", "\n-# moved ", 1))
+    real = _stack._split_peel
+    monkeypatch.setattr(_stack, "_split_peel", lambda text: real(broken.read_text()))
+    with pytest.raises(SystemExit, match="no longer applies"):
+        _stack.load()

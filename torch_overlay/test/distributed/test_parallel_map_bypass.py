@@ -4,9 +4,9 @@
 Compiled code (``torch.compile`` with the eager, aot_eager and inductor
 backends) that calls ``dist.*``, functional collectives or DTensor goes
 through the schedule and returns the serial loop's results, wherever it was
-compiled first. What cannot be scheduled (a direct ProcessGroup call, a
-thread that ``fn`` starts, DDP's C++ collectives, the process-wide
-coalescing manager) raises on every rank, in time, and leaves a process
+compiled first. DDP's construction and buffer broadcast in ``fn`` are
+scheduled. What cannot be scheduled (a direct ProcessGroup call, a thread
+that ``fn`` starts, the process-wide coalescing manager) raises on every rank, in time, and leaves a process
 group that the next parallel_map can use. Items sleep for random times that
 differ between ranks, so that an unscheduled collective pairs up wrongly.
 """
@@ -255,32 +255,67 @@ class BypassDetectionTest(_Base):
         self._check_raises(item)
 
     @requires_gloo()
-    def test_ddp_forward_broadcasts_buffers(self):
-        model = None
-
+    def test_ddp_construction_is_scheduled(self):
+        # DDP's construction checks shapes and broadcasts rank 0's parameters
+        # (C++ collectives, reached through the hooked torch.distributed.utils).
         def item(i):
             time.sleep(self.delays[i])
-            model(torch.randn(4, 2))
+            linear = torch.nn.Linear(2, 2)
+            with torch.no_grad():
+                linear.weight.fill_(10 * self.rank + i)
+            model = torch.nn.parallel.DistributedDataParallel(linear)
             t = self._value(i)
             dist.all_reduce(t)
-            return t[0].item()
+            return model.module.weight[0, 0].item(), t[0].item()
 
-        # Built outside parallel_map, as it must be; its forward runs in the items.
         self._init()
-        model = torch.nn.parallel.DistributedDataParallel(torch.nn.BatchNorm1d(2))
-        self._check_raises(item)
+        results = parallel_map(item, range(_ITEMS), max_workers=4)
+        self.assertEqual(results, [(float(i), self._reduced(i)) for i in range(_ITEMS)])
+        self._assert_clean()
 
     @requires_gloo()
-    def test_ddp_construction(self):
-        def item(i):
-            time.sleep(self.delays[i])
-            torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
-            t = self._value(i)
-            dist.all_reduce(t)
-            return t[0].item()
-
+    def test_ddp_forward_broadcast_is_scheduled(self):
+        # A DDP model per item, built outside parallel_map (one shared by items
+        # would be a race of its own: whether a forward broadcasts depends on
+        # the forwards before it). Forward broadcasts rank 0's buffers.
         self._init()
-        self._check_raises(item)
+
+        def models():
+            built = []
+            for _ in range(_ITEMS):
+                model = torch.nn.parallel.DistributedDataParallel(
+                    torch.nn.BatchNorm1d(2)
+                )
+                model.eval()
+                with torch.no_grad():
+                    model.module.running_mean.fill_(self.rank + 1)
+                built.append(model)
+            return built
+
+        def run(map_fn):
+            built = models()
+
+            def item(i):
+                time.sleep(self.delays[i])
+                with torch.no_grad():
+                    built[i](torch.zeros(4, 2))
+                t = self._value(i)
+                dist.all_reduce(t)
+                return built[i].module.running_mean[0].item(), t[0].item()
+
+            issued = dist.group.WORLD._get_sequence_number_for_group()
+            results = map_fn(item)
+            return results, dist.group.WORLD._get_sequence_number_for_group() - issued
+
+        serial, serial_count = run(lambda item: [item(i) for i in range(_ITEMS)])
+        mapped, count = run(
+            lambda item: parallel_map(item, range(_ITEMS), max_workers=4)
+        )
+        self.assertEqual(serial, [(1.0, self._reduced(i)) for i in range(_ITEMS)])
+        self.assertEqual(mapped, serial)
+        self.assertGreater(serial_count, _ITEMS)  # the broadcasts happened
+        self.assertEqual(count, serial_count)
+        self._assert_clean()
 
     @requires_gloo()
     @skip_if_lt_x_gpu(1)

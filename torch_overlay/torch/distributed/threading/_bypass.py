@@ -3,15 +3,16 @@
 A collective issued outside the schedule goes out in a timing-dependent
 order: on another rank it pairs with a different collective, and the job
 computes wrong numbers or hangs, without an error. The schedule sees every
-Python entry point and functional collective op; not a direct
-``ProcessGroup`` method call, a C++ caller (DDP, autograd's device threads
-running a communicating backward), nor a thread that ``fn`` starts.
+Python entry point and functional collective op, and DDP's C++ collectives
+called from Python (through the hooked functions of
+``torch.distributed.utils``); not a direct ``ProcessGroup`` method call, a
+C++ caller (DDP's reducer, autograd's device threads running a
+communicating backward), nor a thread that ``fn`` starts.
 
 *Refused* on worker threads before anything is issued, while a top-level
 call runs (:class:`RefuseCollectivesOnWorkers`): the collective methods of
-``ProcessGroup`` and ``Backend``, and the C++ entry points that DDP reaches
-from Python (a mismatched collective there can make gloo abort the
-process). Outside a call these are torch's own, untouched.
+``ProcessGroup`` and ``Backend``. Outside a call these are torch's own,
+untouched.
 
 *Detected* after the fact, by counters: process groups count the
 collectives issued on them (``_get_sequence_number_for_group``). The
@@ -32,7 +33,6 @@ detector is used only by the thread that holds the turn: the turn is its lock.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from typing import Any, TYPE_CHECKING
@@ -67,10 +67,11 @@ _MAY_CREATE_GROUPS = frozenset(
 _CAUSES = (
     "Ranks match collectives by order, so results may be wrong or the job may hang. "
     "Likely causes: a direct ProcessGroup method call in fn (use the torch.distributed "
-    "function instead); a C++ caller such as DistributedDataParallel (construct and run "
-    "DDP outside parallel_map); a thread that fn starts and that issues collectives "
-    "(issue them from fn itself); a collective in a backward pass run by autograd's "
-    f"device threads (run backward outside parallel_map). Set {ENV_VAR}=0 to turn "
+    "function instead); a C++ caller such as DistributedDataParallel's reducer (run "
+    "DDP's backward outside parallel_map); a thread that fn starts and that issues "
+    "collectives (issue them from fn itself); a collective in a backward pass run by "
+    f"autograd's device threads (run backward outside parallel_map). Set {ENV_VAR}=0 "
+    "to turn "
     "this check off."
 )
 
@@ -258,28 +259,6 @@ def make_detector(exclude: Collection[dist.ProcessGroup]) -> BypassDetector | No
     return BypassDetector(exclude)
 
 
-# torch.distributed functions that issue collectives from C++, and who calls them.
-_CPP_COLLECTIVES = {
-    "_broadcast_coalesced": "DistributedDataParallel's construction and buffer broadcast",
-    "_verify_params_across_processes": "DistributedDataParallel's construction",
-}
-
-
-def _refusing_on_workers(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
-    def refuse_on_workers(*args: Any, **kwargs: Any) -> Any:
-        if _collective_hook.fn is not None:
-            raise CollectiveBypassError(
-                f"torch.distributed.{name} was called on a parallel_map worker thread. It "
-                f"issues collectives from C++, outside the schedule ({_CPP_COLLECTIVES[name]} "
-                "call it). Construct DistributedDataParallel and run its forward and "
-                "backward outside parallel_map; parallelize the per-item work around it."
-            )
-        return original(*args, **kwargs)
-
-    return refuse_on_workers
-
-
 # The collective methods of ProcessGroup and Backend (a release has a subset).
 # fmt: off
 _PROCESS_GROUP_METHODS = (
@@ -311,8 +290,7 @@ def _refusing_method(cls_name: str, name: str, original: Any) -> Callable[..., A
 
 
 class RefuseCollectivesOnWorkers(SwappedWhileEntered):
-    """While entered, ProcessGroup's and Backend's collective methods, and the
-    C++ collectives DDP calls from Python, raise on workers.
+    """While entered, ProcessGroup's and Backend's collective methods raise on workers.
 
     Entered by a top-level parallel_map around its schedule (see ``_swap``),
     so that code outside parallel_map runs torch's own and pays nothing.
@@ -335,9 +313,4 @@ class RefuseCollectivesOnWorkers(SwappedWhileEntered):
                             _refusing_method(owner.__name__, name, original),
                         )
                     )
-        swaps.extend(
-            (dist, name, original, _refusing_on_workers(name, original))
-            for name in _CPP_COLLECTIVES
-            if (original := getattr(dist, name, None)) is not None
-        )
         return swaps

@@ -1,0 +1,188 @@
+"""The tree after each patch of the series: what every prefix of the stack holds.
+
+``patches/series.toml`` lists the patches in order. A patch brings:
+
+* new files (``files`` entries naming a file of ``torch_overlay/`` or a folder
+  ending in ``/``), as the final tree has them;
+* steps of a generated upstream edit (``"PATH"`` for all of ``_hook_edits``'
+  steps of PATH, ``"PATH@STEP"`` for its steps up to STEP), or a C++ edit of
+  ``patches/cpp/`` (static: the series' C++ files are not in a wheel);
+* a *peel* (``peel = "patches/peel/NAME.diff"``): the patch's changes to files
+  that earlier patches added, written as the diff that removes them from the
+  tree after the patch. ``torch_overlay/`` stays the one source of the code:
+  the tree before a patch is the tree after it, less the files it adds, with
+  its peel applied. A peel holds only the few integration lines of a feature,
+  so it is small, and it stops applying (loudly) when the code it names moves.
+
+Only the base release's files are computed: the stack is for v2.13.0.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import _autograd_edits
+import _hook_edits
+import _upstream_files
+from _overlay_files import BASE, REPO, Overlay, PatchError, apply_edit
+
+SERIES_TOML = REPO / "patches" / "series.toml"
+
+
+@dataclass(frozen=True)
+class Patch:
+    number: int
+    subject: str
+    body: str
+    new_files: tuple[str, ...]  # added by this patch
+    steps: dict[str, str]  # upstream path -> the last step this patch applies
+    cpp: tuple[str, ...]  # C++ edits (static diffs)
+    peel: Path | None
+    tests: tuple[str, ...]  # this patch's own tests, run at its prefix
+
+
+@dataclass(frozen=True)
+class Stack:
+    author: str
+    date: str
+    patches: list[Patch]
+    # states[k]: upstream path -> text after patch k (states[0]: pristine);
+    # None where a file does not exist at that point.
+    states: list[dict[str, str | None]]
+    cpp_edits: dict[str, bytes]
+
+    def overlay_at(self, k: int) -> Overlay:
+        """The change as an overlay after patch ``k``, for installing a prefix."""
+        full = Overlay.load(BASE)
+        before = self.states[0]
+        state = self.states[k]
+        new_files = {p: t.encode() for p, t in state.items() if t is not None and before[p] is None}
+        edits = {}
+        for path, text in state.items():
+            if before[path] is not None and text != before[path]:
+                edits[path] = unified_diff(path, before[path], text).encode()
+        has_cpp = any(p.cpp for p in self.patches[:k])
+        return Overlay(new_files, edits, full.cpp_edits, full.shims if has_cpp else {})
+
+
+def unified_diff(path: str, original: str, edited: str) -> str:
+    """git's diff (function names in hunk headers), with a/ b/ headers only."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for side, text in (("a", original), ("b", edited)):
+            (Path(tmp) / side / path).parent.mkdir(parents=True)
+            (Path(tmp) / side / path).write_text(text)
+        diff = subprocess.run(
+            ["git", "diff", "--no-index", "--no-color", "--no-prefix", f"a/{path}", f"b/{path}"],
+            cwd=tmp, capture_output=True, text=True,
+        ).stdout
+    return diff[diff.index(f"--- a/{path}"):]
+
+
+def _split_peel(text: str) -> dict[str, str]:
+    """A multi-file diff, by the path each part edits."""
+    parts: dict[str, str] = {}
+    current: list[str] | None = None
+    for line in text.splitlines(keepends=True):
+        if line.startswith("--- a/"):
+            current = []
+            parts[line[len("--- a/"):].strip()] = current  # type: ignore[assignment]
+        if current is not None:
+            current.append(line)
+    return {path: "".join(lines) for path, lines in parts.items()}
+
+
+def _error(message: str) -> SystemExit:
+    return SystemExit(f"error: {message}")
+
+
+def load() -> Stack:
+    config = tomllib.loads(SERIES_TOML.read_text())
+    overlay = Overlay.load(BASE)
+    root = _upstream_files.pristine(_upstream_files.RELEASES[BASE])
+    patches: list[Patch] = []
+    owner: dict[str, str] = {}  # file or step -> subject, to catch doubles
+    for number, spec in enumerate(config["patch"], 1):
+        new_files: list[str] = []
+        steps: dict[str, str] = {}
+        cpp: list[str] = []
+        for entry in spec["files"]:
+            path, _, step = entry.partition("@")
+            if entry.endswith("/"):
+                matched = sorted(p for p in overlay.new_files if p.startswith(entry))
+                if not matched:
+                    raise _error(f"series.toml names {entry!r}, which matches no file")
+                new_files += matched
+            elif path in overlay.new_files and not step:
+                new_files.append(path)
+            elif path in _hook_edits.STEPS:
+                all_steps = _hook_edits.STEPS[path]
+                if step and step not in all_steps:
+                    raise _error(f"{entry!r}: {path} has the steps {all_steps}")
+                steps[path] = step or all_steps[-1]
+            elif path == _autograd_edits.PYI:
+                steps[path] = "stubs"
+            elif path in overlay.cpp_edits:
+                cpp.append(path)
+            else:
+                raise _error(f"series.toml names {entry!r}, which matches no file")
+        for key in new_files + [f"{p}@{s}" for p, s in steps.items()] + cpp:
+            if key in owner:
+                raise _error(f"{key} is in both {owner[key]!r} and {spec['subject']!r}")
+            owner[key] = spec["subject"]
+        peel = REPO / spec["peel"] if "peel" in spec else None
+        patches.append(Patch(number, spec["subject"], spec["body"], tuple(new_files), steps,
+                             tuple(cpp), peel, tuple(spec.get("tests", ()))))
+
+    edited = [*_hook_edits.STEPS, _autograd_edits.PYI]
+    missing = (set(overlay.new_files) | set(overlay.cpp_edits)) - set(owner)
+    missing |= {p for p in edited if f"{p}@{_final_step(p)}" not in owner}
+    if missing:
+        raise _error(f"not in any patch of series.toml: {', '.join(sorted(missing))}")
+
+    # Upstream files, forward: each at the last step applied so far.
+    pristine = {p: (root / p).read_text() for p in edited}
+    upstream_states = [dict(pristine)]
+    for patch in patches:
+        state = dict(upstream_states[-1])
+        for path, step in patch.steps.items():
+            state[path] = _edit(path, pristine[path], step)
+        upstream_states.append(state)
+
+    # New files, backward from the final tree: drop what a patch adds, peel the rest.
+    final = {p: d.decode() for p, d in overlay.new_files.items()}
+    new_states = [dict(final)]
+    for patch in reversed(patches):
+        state = {p: t for p, t in new_states[0].items() if p not in patch.new_files}
+        if patch.peel is not None:
+            for path, diff in _split_peel(patch.peel.read_text()).items():
+                if path not in state:
+                    raise _error(f"{patch.peel.name} peels {path}, which does not exist before "
+                                 f"patch {patch.number}")
+                try:
+                    state[path] = apply_edit(path, state[path].encode(), diff.encode()).decode()
+                except PatchError as e:
+                    raise _error(f"{patch.peel.relative_to(REPO)} no longer applies: {e}") from e
+        new_states.insert(0, state)
+
+    states = []
+    for up, new in zip(upstream_states, new_states, strict=True):
+        state: dict[str, str | None] = dict.fromkeys(final)
+        state.update(new)
+        state.update(up)
+        states.append(state)
+    return Stack(config["author"], config["date"], patches, states, overlay.cpp_edits)
+
+
+def _final_step(path: str) -> str:
+    return _hook_edits.STEPS[path][-1] if path in _hook_edits.STEPS else "stubs"
+
+
+def _edit(path: str, original: str, step: str) -> str:
+    if path == _autograd_edits.PYI:
+        return _autograd_edits.edit(original)
+    return _hook_edits.edit(path, original, through=step)
