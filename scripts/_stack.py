@@ -2,23 +2,30 @@
 
 ``patches/series.toml`` lists the patches in order. A patch brings:
 
-* new files (``files`` entries naming a file of ``torch_overlay/`` or a folder
-  ending in ``/``), as the final tree has them;
+* new files (``files`` entries naming a file of ``torch_overlay/``, or a folder
+  ending in ``/`` for its files that no patch names), as the final tree has them;
 * steps of a generated upstream edit (``"PATH"`` for all of ``_hook_edits``'
   steps of PATH, ``"PATH@STEP"`` for its steps up to STEP), or a C++ edit of
   ``patches/cpp/`` (static: the series' C++ files are not in a wheel);
-* a *peel* (``peel = "patches/peel/NAME.diff"``): the patch's changes to files
+* definitions it adds to files that earlier patches added (``defines =
+  ["PATH::name", "PATH::Class.name"]``: functions, classes, methods and
+  module-level assignments, with their decorators and the comments right
+  above them), such as a feature's test methods;
+* a *peel* (``peel = "patches/peel/NAME.diff"``): its other changes to files
   that earlier patches added, written as the diff that removes them from the
-  tree after the patch. ``torch_overlay/`` stays the one source of the code:
-  the tree before a patch is the tree after it, less the files it adds, with
-  its peel applied. A peel holds only the few integration lines of a feature,
-  so it is small, and it stops applying (loudly) when the code it names moves.
+  tree after the patch, less its ``defines``.
+
+``torch_overlay/`` stays the one source of the code: the tree before a patch
+is the tree after it, less the files and definitions it adds, with its peel
+applied. A peel holds only the few integration lines of a feature, so it is
+small, and it stops applying (loudly) when the code it names moves.
 
 Only the base release's files are computed: the stack is for v2.13.0.
 """
 
 from __future__ import annotations
 
+import ast
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +46,7 @@ class Patch:
     new_files: tuple[str, ...]  # added by this patch
     steps: dict[str, str]  # upstream path -> the last step this patch applies
     cpp: tuple[str, ...]  # C++ edits (static diffs)
+    defines: tuple[str, ...]  # "PATH::qualname" added to earlier files
     peel: Path | None
     tests: tuple[str, ...]  # this patch's own tests, run at its prefix
 
@@ -106,6 +114,8 @@ def load() -> Stack:
     root = _upstream_files.pristine(_upstream_files.RELEASES[BASE])
     patches: list[Patch] = []
     owner: dict[str, str] = {}  # file or step -> subject, to catch doubles
+    # A folder entry takes the files under it that no patch names one by one.
+    named = {e for spec in config["patch"] for e in spec["files"] if not e.endswith("/")}
     for number, spec in enumerate(config["patch"], 1):
         new_files: list[str] = []
         steps: dict[str, str] = {}
@@ -113,7 +123,9 @@ def load() -> Stack:
         for entry in spec["files"]:
             path, _, step = entry.partition("@")
             if entry.endswith("/"):
-                matched = sorted(p for p in overlay.new_files if p.startswith(entry))
+                matched = sorted(
+                    p for p in overlay.new_files if p.startswith(entry) and p not in named
+                )
                 if not matched:
                     raise _error(f"series.toml names {entry!r}, which matches no file")
                 new_files += matched
@@ -136,7 +148,8 @@ def load() -> Stack:
             owner[key] = spec["subject"]
         peel = REPO / spec["peel"] if "peel" in spec else None
         patches.append(Patch(number, spec["subject"], spec["body"], tuple(new_files), steps,
-                             tuple(cpp), peel, tuple(spec.get("tests", ()))))
+                             tuple(cpp), tuple(spec.get("defines", ())), peel,
+                             tuple(spec.get("tests", ()))))
 
     edited = [*_hook_edits.STEPS, _autograd_edits.PYI]
     missing = (set(overlay.new_files) | set(overlay.cpp_edits)) - set(owner)
@@ -158,6 +171,12 @@ def load() -> Stack:
     new_states = [dict(final)]
     for patch in reversed(patches):
         state = {p: t for p, t in new_states[0].items() if p not in patch.new_files}
+        for name in patch.defines:
+            path, _, qualname = name.partition("::")
+            if path not in state:
+                raise _error(f"patch {patch.number} defines {name}, in a file it does not "
+                             "find before it")
+            state[path] = without_definition(state[path], qualname, name)
         if patch.peel is not None:
             for path, diff in _split_peel(patch.peel.read_text()).items():
                 if path not in state:
@@ -186,3 +205,38 @@ def _edit(path: str, original: str, step: str) -> str:
     if path == _autograd_edits.PYI:
         return _autograd_edits.edit(original)
     return _hook_edits.edit(path, original, through=step)
+
+
+def without_definition(source: str, qualname: str, name: str) -> str:
+    """``source`` without the function, class, method or assignment ``qualname``."""
+    body: list[ast.stmt] = ast.parse(source).body
+    node: ast.stmt | None = None
+    for part in qualname.split("."):
+        node = next((n for n in body if _defines(n, part)), None)
+        if node is None:
+            raise _error(f"{name}: no such definition")
+        body = getattr(node, "body", [])
+    assert node is not None
+    lines = source.splitlines(keepends=True)
+    first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))]) - 1
+    last = node.end_lineno or node.lineno
+    indent = lines[first][: len(lines[first]) - len(lines[first].lstrip())]
+    while first > 0 and lines[first - 1].startswith(indent + "#"):
+        first -= 1  # the comments right above it go with it
+    if first > 0 and not lines[first - 1].strip():
+        while first > 0 and not lines[first - 1].strip():
+            first -= 1  # the gap before it
+    else:
+        while last < len(lines) and not lines[last].strip():
+            last += 1  # no gap before it: the gap after it
+    return "".join(lines[:first] + lines[last:])
+
+
+def _defines(node: ast.stmt, name: str) -> bool:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return node.name == name
+    if isinstance(node, ast.Assign):
+        return any(isinstance(t, ast.Name) and t.id == name for t in node.targets)
+    if isinstance(node, ast.AnnAssign):
+        return isinstance(node.target, ast.Name) and node.target.id == name
+    return False
