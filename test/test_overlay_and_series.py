@@ -266,7 +266,7 @@ def test_every_prefix_of_the_stack_passes_upstream_format_and_lint(tmp_path):
 def test_run_time_replacement_of_torch_attributes_is_confined_to_the_swaps():
     # The series must not patch torch at run time; what still does (issue #21)
     # goes through one module, _swap, used by the refusals of ProcessGroup
-    # methods (the core patch) and the functional-op hook (its own patch).
+    # methods and by the functional-op hook, each in a patch of its own.
     # Nothing else may set an attribute of an object it did not create.
     allowed = {"_swap.py": {"setattr"}}
     found = []
@@ -297,6 +297,6 @@ def test_run_time_replacement_of_torch_attributes_is_confined_to_the_swaps():
                for path in patch.new_files if path.endswith(".py"))
     ]
     assert swapping == [
-        "[c10d] Add torch.distributed.threading.parallel_map",
+        "[c10d] parallel_map: refuse, or detect, collectives that bypass the schedule",
         "[c10d] parallel_map: schedule the functional collective ops",
     ]

@@ -587,6 +587,68 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         self._assert_clean()
 
     @requires_gloo()
+    def test_ddp_construction_is_scheduled(self):
+        # DDP's construction checks shapes and broadcasts rank 0's parameters
+        # (C++ collectives, reached through the hooked torch.distributed.utils).
+        self._init()
+        r = self.rank
+        delays = [random.Random(7 + r).random() * 0.004 for _ in range(12)]
+
+        def item(i):
+            time.sleep(delays[i])
+            linear = torch.nn.Linear(2, 2)
+            with torch.no_grad():
+                linear.weight.fill_(10 * r + i)
+            model = torch.nn.parallel.DistributedDataParallel(linear)
+            return model.module.weight[0, 0].item(), _all_reduce_value(i, r)
+
+        results = parallel_map(item, range(12), max_workers=4)
+        self.assertEqual(results, [(float(i), 2.0 * i + 1) for i in range(12)])
+        self._assert_clean()
+
+    @requires_gloo()
+    def test_ddp_forward_broadcast_is_scheduled(self):
+        # A DDP model per item, built outside parallel_map (one shared by items
+        # would be a race of its own: whether a forward broadcasts depends on
+        # the forwards before it). Forward broadcasts rank 0's buffers.
+        self._init()
+        r = self.rank
+        delays = [random.Random(11 + r).random() * 0.004 for _ in range(12)]
+
+        def models():
+            built = []
+            for _ in range(12):
+                model = torch.nn.parallel.DistributedDataParallel(
+                    torch.nn.BatchNorm1d(2)
+                )
+                model.eval()
+                with torch.no_grad():
+                    model.module.running_mean.fill_(r + 1)
+                built.append(model)
+            return built
+
+        def run(map_fn):
+            built = models()
+
+            def item(i):
+                time.sleep(delays[i])
+                with torch.no_grad():
+                    built[i](torch.zeros(4, 2))
+                return built[i].module.running_mean[0].item(), _all_reduce_value(i, r)
+
+            issued = dist.group.WORLD._get_sequence_number_for_group()
+            results = map_fn(item)
+            return results, dist.group.WORLD._get_sequence_number_for_group() - issued
+
+        serial, serial_count = run(lambda item: [item(i) for i in range(12)])
+        mapped, count = run(lambda item: parallel_map(item, range(12), max_workers=4))
+        self.assertEqual(serial, [(1.0, 2.0 * i + 1) for i in range(12)])
+        self.assertEqual(mapped, serial)
+        self.assertGreater(serial_count, 12)  # the broadcasts happened
+        self.assertEqual(count, serial_count)
+        self._assert_clean()
+
+    @requires_gloo()
     def test_symmetric_failure(self):
         self._init()
         ws = self.world_size
@@ -981,6 +1043,77 @@ class ParallelMapWorld4Test(_TestsForEveryWorldSize, _ParallelMapTestBase):
     @property
     def world_size(self):
         return 4
+
+
+class HangReportTest(TestCase):
+    """The hang report: what each worker waits on, and why, with stacks."""
+
+    def setUp(self):
+        super().setUp()
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+    def tearDown(self):
+        dist.destroy_process_group()
+        super().tearDown()
+
+    def _reports(self, logs):
+        return [line for line in logs.output if "has waited" in line]
+
+    @requires_gloo()
+    def test_a_report_names_waits_and_stacks(self):
+        release = threading.Event()
+
+        def item(i):
+            if i == 0:
+                release.wait(timeout=10)  # the coordinator waits on this slot
+            else:
+                dist.all_reduce(torch.ones(1))
+            return i
+
+        timer = threading.Timer(0.6, release.set)
+        timer.start()
+        with self.assertLogs("torch.distributed.threading", "WARNING") as logs:
+            parallel_map(item, range(2), max_workers=2, report_hang_after=0.2)
+        timer.join()
+        reports = self._reports(logs)
+        # Once per interval (about 3 in 0.6 s), not continuously.
+        self.assertTrue(1 <= len(reports) <= 10, reports)
+        self.assertIn("for the next event of item 0", reports[0])
+        self.assertIn("item 0: running fn", reports[0])
+        self.assertIn(
+            "item 1: waiting for its turn to issue all_reduce (item 1, call 0)",
+            reports[0],
+        )
+        self.assertIn("release.wait(timeout=10)", reports[0])  # the waiter's stack
+        with self.assertRaisesRegex(ValueError, "report_hang_after"):
+            parallel_map(str, [1, 2], report_hang_after=0)
+
+    @requires_gloo()
+    def test_a_report_explains_items_that_wait_for_each_other(self):
+        # Item 1 waits for an event that item 0 sets only after its second
+        # collective, which the schedule issues only after item 1's next event:
+        # a deadlock the serial loop would not have (the wait times out here).
+        after_second = threading.Event()
+
+        def item(i):
+            if i == 0:
+                dist.all_reduce(torch.ones(1))
+                dist.all_reduce(torch.ones(1))
+                after_second.set()
+                return True
+            return after_second.wait(timeout=1.0)
+
+        with self.assertLogs("torch.distributed.threading", "WARNING") as logs:
+            results = parallel_map(item, range(2), max_workers=2, report_hang_after=0.3)
+        self.assertEqual(results, [True, False])
+        reports = self._reports(logs)
+        self.assertTrue(reports)
+        self.assertIn("item 1: running fn", reports[0])
+        self.assertIn(
+            "item 0: waiting for its turn to issue all_reduce (item 0, call 1)",
+            reports[0],
+        )
+        self.assertIn("items must not wait for each other", reports[0])
 
 
 class PublicApiTest(TestCase):

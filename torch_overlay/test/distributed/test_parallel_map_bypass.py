@@ -255,69 +255,6 @@ class BypassDetectionTest(_Base):
         self._check_raises(item)
 
     @requires_gloo()
-    def test_ddp_construction_is_scheduled(self):
-        # DDP's construction checks shapes and broadcasts rank 0's parameters
-        # (C++ collectives, reached through the hooked torch.distributed.utils).
-        def item(i):
-            time.sleep(self.delays[i])
-            linear = torch.nn.Linear(2, 2)
-            with torch.no_grad():
-                linear.weight.fill_(10 * self.rank + i)
-            model = torch.nn.parallel.DistributedDataParallel(linear)
-            t = self._value(i)
-            dist.all_reduce(t)
-            return model.module.weight[0, 0].item(), t[0].item()
-
-        self._init()
-        results = parallel_map(item, range(_ITEMS), max_workers=4)
-        self.assertEqual(results, [(float(i), self._reduced(i)) for i in range(_ITEMS)])
-        self._assert_clean()
-
-    @requires_gloo()
-    def test_ddp_forward_broadcast_is_scheduled(self):
-        # A DDP model per item, built outside parallel_map (one shared by items
-        # would be a race of its own: whether a forward broadcasts depends on
-        # the forwards before it). Forward broadcasts rank 0's buffers.
-        self._init()
-
-        def models():
-            built = []
-            for _ in range(_ITEMS):
-                model = torch.nn.parallel.DistributedDataParallel(
-                    torch.nn.BatchNorm1d(2)
-                )
-                model.eval()
-                with torch.no_grad():
-                    model.module.running_mean.fill_(self.rank + 1)
-                built.append(model)
-            return built
-
-        def run(map_fn):
-            built = models()
-
-            def item(i):
-                time.sleep(self.delays[i])
-                with torch.no_grad():
-                    built[i](torch.zeros(4, 2))
-                t = self._value(i)
-                dist.all_reduce(t)
-                return built[i].module.running_mean[0].item(), t[0].item()
-
-            issued = dist.group.WORLD._get_sequence_number_for_group()
-            results = map_fn(item)
-            return results, dist.group.WORLD._get_sequence_number_for_group() - issued
-
-        serial, serial_count = run(lambda item: [item(i) for i in range(_ITEMS)])
-        mapped, count = run(
-            lambda item: parallel_map(item, range(_ITEMS), max_workers=4)
-        )
-        self.assertEqual(serial, [(1.0, self._reduced(i)) for i in range(_ITEMS)])
-        self.assertEqual(mapped, serial)
-        self.assertGreater(serial_count, _ITEMS)  # the broadcasts happened
-        self.assertEqual(count, serial_count)
-        self._assert_clean()
-
-    @requires_gloo()
     @skip_if_lt_x_gpu(1)
     def test_backward_on_autograd_device_thread(self):
         # CUDA backward runs on autograd's device threads, which have no hook.
