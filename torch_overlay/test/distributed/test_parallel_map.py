@@ -1045,8 +1045,8 @@ class ParallelMapWorld4Test(_TestsForEveryWorldSize, _ParallelMapTestBase):
         return 4
 
 
-class HangReportTest(TestCase):
-    """The hang report: what each worker waits on, and why, with stacks."""
+class _OneRankTestCase(TestCase):
+    """A test in this process alone, on a one-rank gloo group."""
 
     def setUp(self):
         super().setUp()
@@ -1055,6 +1055,44 @@ class HangReportTest(TestCase):
     def tearDown(self):
         dist.destroy_process_group()
         super().tearDown()
+
+
+class TurnTest(_OneRankTestCase):
+    """Workers issue their calls themselves when they hold the turn."""
+
+    @requires_gloo()
+    def test_workers_issue_calls_at_the_turn(self):
+        # The turn's debug log numbers each issue on the thread that issues it.
+        issuers = []
+
+        class Issuers(logging.Handler):
+            def emit(self, record):
+                if record.msg.startswith("issue #"):
+                    issuers.append(record.threadName)
+
+        logger = logging.getLogger("torch.distributed.threading._turn")
+        handler, old_level = Issuers(logging.DEBUG), logger.level
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        try:
+
+            def item(i):
+                for _ in range(20):
+                    dist.all_reduce(torch.ones(1))
+                return i
+
+            self.assertEqual(parallel_map(item, range(4), max_workers=2), [0, 1, 2, 3])
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(old_level)
+        self.assertEqual(len(issuers), 80)
+        workers = [name for name in issuers if name.startswith("parallel_map")]
+        # The coordinating thread sleeps while the items post at the open turn.
+        self.assertGreater(len(workers), 0, issuers)
+
+
+class HangReportTest(_OneRankTestCase):
+    """The hang report: what each worker waits on, and why, with stacks."""
 
     def _reports(self, logs):
         return [line for line in logs.output if "has waited" in line]
