@@ -98,7 +98,10 @@ def _split_peel(text: str) -> dict[str, str]:
     for line in text.splitlines(keepends=True):
         if line.startswith("--- a/"):
             current = []
-            parts[line[len("--- a/"):].strip()] = current  # type: ignore[assignment]
+            path = line[len("--- a/"):].strip()
+            if path in parts:
+                raise _error(f"a peel edits {path} in two parts: make them one")
+            parts[path] = current  # type: ignore[assignment]
         if current is not None:
             current.append(line)
     return {path: "".join(lines) for path, lines in parts.items()}
@@ -108,7 +111,9 @@ def _error(message: str) -> SystemExit:
     return SystemExit(f"error: {message}")
 
 
-def load() -> Stack:
+def load(down_to: int = 1) -> Stack:
+    """The stack; with ``down_to``, the trees before that patch are left out
+    (their peels are not applied), so that its own peel can be rewritten."""
     config = tomllib.loads(SERIES_TOML.read_text())
     overlay = Overlay.load(BASE)
     root = _upstream_files.pristine(_upstream_files.RELEASES[BASE])
@@ -170,6 +175,9 @@ def load() -> Stack:
     final = {p: d.decode() for p, d in overlay.new_files.items()}
     new_states = [dict(final)]
     for patch in reversed(patches):
+        if patch.number < down_to:
+            new_states.insert(0, {})
+            continue
         state = {p: t for p, t in new_states[0].items() if p not in patch.new_files}
         for name in patch.defines:
             path, _, qualname = name.partition("::")
@@ -220,16 +228,38 @@ def without_definition(source: str, qualname: str, name: str) -> str:
     lines = source.splitlines(keepends=True)
     first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))]) - 1
     last = node.end_lineno or node.lineno
-    indent = lines[first][: len(lines[first]) - len(lines[first].lstrip())]
-    while first > 0 and lines[first - 1].startswith(indent + "#"):
-        first -= 1  # the comments right above it go with it
+    indent = _indent(lines[first])
+    # Comments after its last statement, indented into its body, go with it.
+    j = last
+    while j < len(lines) and (not lines[j].strip() or lines[j].lstrip().startswith("#")):
+        if lines[j].strip() and _indent(lines[j]) <= indent:
+            break
+        j += 1
+        if lines[j - 1].strip():
+            last = j
+    # So do the comments right above it, at its indent (not a pragma that
+    # closes something before it, such as "# fmt: on").
+    while (
+        first > 0
+        and lines[first - 1].startswith(" " * indent + "#")
+        and not lines[first - 1].lstrip().startswith(("# fmt:", "# type:", "# noqa"))
+    ):
+        first -= 1
     if first > 0 and not lines[first - 1].strip():
         while first > 0 and not lines[first - 1].strip():
             first -= 1  # the gap before it
-    else:
-        while last < len(lines) and not lines[last].strip():
-            last += 1  # no gap before it: the gap after it
+    elif first == 0 or lines[first - 1].rstrip().endswith(":"):
+        # first in its block: the gap after it, if a sibling follows
+        k = last
+        while k < len(lines) and not lines[k].strip():
+            k += 1
+        if k < len(lines) and _indent(lines[k]) == indent:
+            last = k
     return "".join(lines[:first] + lines[last:])
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
 
 
 def _defines(node: ast.stmt, name: str) -> bool:

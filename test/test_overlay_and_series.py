@@ -300,3 +300,28 @@ def test_run_time_replacement_of_torch_attributes_is_confined_to_the_swaps():
         "[c10d] parallel_map: refuse, or detect, collectives that bypass the schedule",
         "[c10d] parallel_map: schedule the functional collective ops",
     ]
+
+
+def test_a_definition_leaves_with_its_comments_and_one_gap():
+    # What the stack removes for a patch's `defines`: the definition, its
+    # decorators, the comments right above it and in its body, and one gap,
+    # so the tree below is formatted as the tree above it.
+    source = (
+        'class A:\n    """Doc."""\n\n    @staticmethod\n    def m():\n        return 1\n'
+        "        # about m's end\n\n    def n(self):\n        return 2\n\n\n"
+        "class B:\n    def m(self):\n        return 1\n\n    def n(self):\n        return 2\n\n\n"
+        "# fmt: on\n# about f\ndef f():\n    pass\n\n\nX = 1\n"
+    )
+    assert _stack.without_definition(source, "A.m", "A.m") == (
+        'class A:\n    """Doc."""\n\n    def n(self):\n        return 2\n\n\n'
+        + source[source.index("class B:"):]
+    )
+    assert _stack.without_definition(source, "B.m", "B.m") == source.replace(
+        "class B:\n    def m(self):\n        return 1\n\n", "class B:\n"
+    )
+    assert _stack.without_definition(source, "f", "f") == source.replace(
+        "\n# about f\ndef f():\n    pass\n", "\n"
+    ).replace("# fmt: on\n\n\n\nX", "# fmt: on\n\n\nX")
+    assert _stack.without_definition(source, "X", "X").endswith("def f():\n    pass\n")
+    with pytest.raises(SystemExit, match="no such definition"):
+        _stack.without_definition(source, "A.missing", "A.missing")
