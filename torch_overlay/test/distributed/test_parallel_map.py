@@ -1154,6 +1154,31 @@ class HangReportTest(_OneRankTestCase):
         self.assertIn("items must not wait for each other", reports[0])
 
 
+class WorkerPoolTest(TestCase):
+    def _workers(self):
+        return {t for t in threading.enumerate() if t.name.startswith("parallel_map")}
+
+    def _wait_until_no_workers(self):
+        for _ in range(500):  # idle threads exit after IDLE_TIMEOUT_S
+            if not self._workers():
+                return
+            time.sleep(0.02)
+        self.fail(f"workers still alive: {self._workers()}")
+
+    def test_idle_workers_are_reused_then_exit(self):
+        self._wait_until_no_workers()  # of earlier tests
+        parallel_map(str, range(3), max_workers=3)
+        first = self._workers()
+        self.assertEqual(len(first), 3)
+        self.assertEqual(_pool.pool.idle_count(), 3)
+        parallel_map(str, range(3), max_workers=3)
+        self.assertEqual(self._workers(), first)  # the same threads served it
+        with mock.patch.object(_pool, "IDLE_TIMEOUT_S", 0.05):
+            parallel_map(str, range(3), max_workers=3)  # now idle for 0.05 s
+            self._wait_until_no_workers()
+        self.assertEqual(_pool.pool.idle_count(), 0)
+
+
 class PublicApiTest(TestCase):
     """The rules test_public_bindings.py enforces, for this package."""
 
