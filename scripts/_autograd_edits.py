@@ -1,7 +1,7 @@
 """The edit of ``torch/_C/_autograd.pyi``, generated: stubs of the C++ patch's bindings.
 
 The series' C++ patch binds three functions in ``torch._C._autograd`` (see
-``patches/cpp/``); their type stubs go next to ``_get_sequence_nr``'s. The
+``patches/by-hand/``); their type stubs go next to ``_get_sequence_nr``'s. The
 stub file ships in the wheel, so the overlay applies this edit too (mypy
 checks the package against it), while the bindings themselves come from the
 overlay's shim (``shims/``).

@@ -5,8 +5,8 @@
 * new files (``files`` entries naming a file of ``torch_overlay/``, or a folder
   ending in ``/`` for its files that no patch names), as the final tree has them;
 * steps of a generated upstream edit (``"PATH"`` for all of ``_hook_edits``'
-  steps of PATH, ``"PATH@STEP"`` for its steps up to STEP), or a C++ edit of
-  ``patches/cpp/`` (static: the series' C++ files are not in a wheel);
+  steps of PATH, ``"PATH@STEP"`` for its steps up to STEP), or an edit of
+  ``patches/by-hand/`` (static: C++ sources and docs are not in a wheel);
 * definitions it adds to files that earlier patches added (``defines =
   ["PATH::name", "PATH::Class.name"]``: functions, classes, methods and
   module-level assignments, with their decorators and the comments right
@@ -45,7 +45,7 @@ class Patch:
     body: str
     new_files: tuple[str, ...]  # added by this patch
     steps: dict[str, str]  # upstream path -> the last step this patch applies
-    cpp: tuple[str, ...]  # C++ edits (static diffs)
+    by_hand: tuple[str, ...]  # edits of patches/by-hand/ (static diffs)
     defines: tuple[str, ...]  # "PATH::qualname" added to earlier files
     peel: Path | None
     tests: tuple[str, ...]  # this patch's own tests, run at its prefix
@@ -59,7 +59,7 @@ class Stack:
     # states[k]: upstream path -> text after patch k (states[0]: pristine);
     # None where a file does not exist at that point.
     states: list[dict[str, str | None]]
-    cpp_edits: dict[str, bytes]
+    by_hand_edits: dict[str, bytes]
 
     def overlay_at(self, k: int) -> Overlay:
         """The change as an overlay after patch ``k``, for installing a prefix."""
@@ -71,8 +71,10 @@ class Stack:
         for path, text in state.items():
             if before[path] is not None and text != before[path]:
                 edits[path] = unified_diff(path, before[path], text).encode()
-        has_cpp = any(p.cpp for p in self.patches[:k])
-        return Overlay(new_files, edits, full.cpp_edits, full.shims if has_cpp else {})
+        # The shim stands in for the C++ edits, from the patch that makes them.
+        has_cpp = any(path.startswith(("aten/", "torch/csrc/"))
+                      for p in self.patches[:k] for path in p.by_hand)
+        return Overlay(new_files, edits, full.by_hand_edits, full.shims if has_cpp else {})
 
 
 def unified_diff(path: str, original: str, edited: str) -> str:
@@ -124,7 +126,7 @@ def load(down_to: int = 1) -> Stack:
     for number, spec in enumerate(config["patch"], 1):
         new_files: list[str] = []
         steps: dict[str, str] = {}
-        cpp: list[str] = []
+        by_hand: list[str] = []
         for entry in spec["files"]:
             path, _, step = entry.partition("@")
             if entry.endswith("/"):
@@ -143,21 +145,21 @@ def load(down_to: int = 1) -> Stack:
                 steps[path] = step or all_steps[-1]
             elif path == _autograd_edits.PYI:
                 steps[path] = "stubs"
-            elif path in overlay.cpp_edits:
-                cpp.append(path)
+            elif path in overlay.by_hand_edits:
+                by_hand.append(path)
             else:
                 raise _error(f"series.toml names {entry!r}, which matches no file")
-        for key in new_files + [f"{p}@{s}" for p, s in steps.items()] + cpp:
+        for key in new_files + [f"{p}@{s}" for p, s in steps.items()] + by_hand:
             if key in owner:
                 raise _error(f"{key} is in both {owner[key]!r} and {spec['subject']!r}")
             owner[key] = spec["subject"]
         peel = REPO / spec["peel"] if "peel" in spec else None
         patches.append(Patch(number, spec["subject"], spec["body"], tuple(new_files), steps,
-                             tuple(cpp), tuple(spec.get("defines", ())), peel,
+                             tuple(by_hand), tuple(spec.get("defines", ())), peel,
                              tuple(spec.get("tests", ()))))
 
     edited = [*_hook_edits.STEPS, _autograd_edits.PYI]
-    missing = (set(overlay.new_files) | set(overlay.cpp_edits)) - set(owner)
+    missing = (set(overlay.new_files) | set(overlay.by_hand_edits)) - set(owner)
     missing |= {p for p in edited if f"{p}@{_final_step(p)}" not in owner}
     if missing:
         raise _error(f"not in any patch of series.toml: {', '.join(sorted(missing))}")
@@ -202,7 +204,7 @@ def load(down_to: int = 1) -> Stack:
         state.update(new)
         state.update(up)
         states.append(state)
-    return Stack(config["author"], config["date"], patches, states, overlay.cpp_edits)
+    return Stack(config["author"], config["date"], patches, states, overlay.by_hand_edits)
 
 
 def _final_step(path: str) -> str:

@@ -28,7 +28,8 @@ OVERLAY = [sys.executable, str(REPO / "scripts" / "overlay")]
 SERIES = [sys.executable, str(REPO / "scripts" / "series")]
 EDITED = list(_hook_edits.STEPS)
 # The series' C++ edits: no C++ source is at hand here, so git am leaves them out.
-CPP_EXCLUDES = ["--exclude=aten/*", "--exclude=torch/csrc/*"]
+NOT_IN_A_WHEEL = ["--exclude=aten/*", "--exclude=torch/csrc/*",
+                  "--exclude=docs/source/pytorch-api.md"]
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
@@ -149,7 +150,7 @@ def test_series_applies_with_git_am_and_equals_the_overlay(tmp_path, pristine, s
     for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "v2.13.0 files"]):
         assert run([*git, *args], cwd=repo).returncode == 0
     patches = sorted(str(p) for p in (REPO / "patches/series").glob("*.patch"))
-    out = run([*git, "am", "--keep-non-patch", *CPP_EXCLUDES, *patches], cwd=repo)
+    out = run([*git, "am", "--keep-non-patch", *NOT_IN_A_WHEEL, *patches], cwd=repo)
     assert out.returncode == 0, out.stdout + out.stderr
     subjects = run(["git", "log", "--format=%s", "--reverse"], cwd=repo).stdout.splitlines()
     assert subjects[1:] == [patch.subject for patch in _stack.load().patches]
@@ -186,12 +187,23 @@ def test_the_installed_shim_gives_torch_the_series_bindings():
     assert out.returncode == 0, out.stderr
 
 
+def test_every_docs_page_of_the_series_is_in_the_table_of_contents():
+    # The [docs] patch adds pages and lists them in pytorch-api.md's toctree,
+    # an edit written by hand (no wheel has docs/): a page without its entry
+    # fails upstream's docs build.
+    toc = (REPO / "patches/by-hand/docs/source/pytorch-api.md.diff").read_text()
+    listed = {line.rsplit("<", 1)[1].rstrip(">") for line in toc.splitlines()
+              if line.startswith("+") and not line.startswith("+++") and "<" in line}
+    pages = {p.stem for p in (REPO / "torch_overlay/docs/source").glob("*.md")}
+    assert pages and pages <= listed, pages - listed
+
+
 def test_the_cpp_patch_compiles_against_the_wheels_headers(tmp_path):
     # The lines the series adds to C++ sources, compiled (syntax and types
     # only) with the headers of the torch this interpreter runs: a v2.13.0
     # source tree is not at hand, so this is the check they get here.
     added = {
-        path: [line[1:] for line in (REPO / "patches/cpp" / f"{path}.diff").read_text().splitlines()
+        path: [line[1:] for line in (REPO / "patches/by-hand" / f"{path}.diff").read_text().splitlines()
                if line.startswith("+") and not line.startswith("+++")]
         for path in ("aten/src/ATen/SequenceNumber.h", "torch/csrc/autograd/init.cpp")
     }
