@@ -16,6 +16,7 @@ import logging
 import os
 import pkgutil
 import random
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -76,6 +77,14 @@ def _recording_schedule():
         logger.propagate = old_propagate
 
 
+def _assert_no_busy_worker(test):
+    # Worker threads may stay for the next call, idle in the pool: no item,
+    # no hook (the hook is per thread: cleared by each worker as it idles).
+    test.assertIsNone(_collective_hook.fn)
+    workers = [t for t in threading.enumerate() if t.name.startswith("parallel_map")]
+    test.assertEqual(len(workers), _pool.pool.idle_count())
+
+
 def _full(value, n=2):
     return torch.full((n,), float(value))
 
@@ -114,13 +123,7 @@ class _ParallelMapTestBase(MultiProcessTestCase):
             self.assertEqual(other, value, f"rank {rank} differs from rank {self.rank}")
 
     def _assert_clean(self):
-        # Worker threads may stay for the next call, idle in the pool: no item,
-        # no hook (the hook is per thread: cleared by each worker as it idles).
-        self.assertIsNone(_collective_hook.fn)
-        workers = [
-            t for t in threading.enumerate() if t.name.startswith("parallel_map")
-        ]
-        self.assertEqual(len(workers), _pool.pool.idle_count())
+        _assert_no_busy_worker(self)
 
 
 class _TestsForEveryWorldSize:
@@ -1055,6 +1058,78 @@ class _OneRankTestCase(TestCase):
     def tearDown(self):
         dist.destroy_process_group()
         super().tearDown()
+
+
+@unittest.skipUnless(hasattr(signal, "pthread_kill"), "needs pthread_kill")
+class CtrlCTest(_OneRankTestCase):
+    """Ctrl-C on the calling thread stops the call and leaves no busy thread.
+
+    Item 0 sends SIGINT to the main thread while items 1 and 2 wait for
+    their turn behind it; they must get CollectiveCancelledError.
+    """
+
+    def setUp(self):
+        super().setUp()
+        # A process started with SIGINT ignored (a background job) keeps it
+        # ignored: install Python's own handler for the test.
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        if previous is not None:  # None: installed from C, cannot be put back
+            self.addCleanup(signal.signal, signal.SIGINT, previous)
+        self.cancelled = []
+
+    def _item(self, i):
+        if i == 0:
+            time.sleep(0.2)  # the coordinator waits on slot 0
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            time.sleep(0.2)
+            return i
+        try:
+            dist.all_reduce(_full(i))  # waits for slot 0's turn, which never comes
+        except RuntimeError as error:
+            self.cancelled.append(type(error).__name__)
+            raise
+        return i
+
+    def _assert_the_next_call_works(self):
+        _assert_no_busy_worker(self)
+        results = parallel_map(lambda i: _all_reduce_value(i, 0), range(3))
+        self.assertEqual(results, [0, 1, 2])
+
+    @requires_gloo()
+    def test_ctrl_c_cancels_the_waiting_calls(self):
+        with self.assertRaises(KeyboardInterrupt):
+            parallel_map(self._item, range(3), max_workers=3)
+        self.assertEqual(self.cancelled, ["CollectiveCancelledError"] * 2)
+        self._assert_the_next_call_works()
+
+    @requires_gloo()
+    def test_a_second_ctrl_c_while_stopping_still_cancels_every_call(self):
+        # The second Ctrl-C lands while the coordinator cancels the waiting
+        # calls, inside the turn's locked section: it must be raised only once
+        # every call got CANCEL and every thread has ended its item.
+        from torch.distributed.threading import _feeder
+
+        close, sent = _feeder.Feeder.close, []
+
+        class SignalOnIteration(list):
+            def __iter__(self):
+                if not sent:  # once: the stop runs again after the interrupt
+                    sent.append(True)
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                    time.sleep(0.05)  # the handler runs inside Turn.stop's section
+                return super().__iter__()
+
+        def close_and_interrupt(feeder):
+            return SignalOnIteration(close(feeder))
+
+        with (
+            mock.patch.object(_feeder.Feeder, "close", close_and_interrupt),
+            self.assertRaises(KeyboardInterrupt),
+        ):
+            parallel_map(self._item, range(3), max_workers=3)
+        self.assertEqual(sent, [True])
+        self.assertEqual(self.cancelled, ["CollectiveCancelledError"] * 2)
+        self._assert_the_next_call_works()
 
 
 class TurnTest(_OneRankTestCase):
