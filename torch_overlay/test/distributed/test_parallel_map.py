@@ -37,7 +37,12 @@ from torch.testing._internal.common_distributed import (
     requires_nccl,
     skip_if_lt_x_gpu,
 )
-from torch.testing._internal.common_utils import run_tests, TestCase
+from torch.testing._internal.common_utils import (
+    instantiate_parametrized_tests,
+    parametrize,
+    run_tests,
+    TestCase,
+)
 
 
 class _IssueRecorder(logging.Handler):
@@ -78,11 +83,17 @@ def _recording_schedule():
 
 
 def _assert_no_busy_worker(test):
-    # Worker threads may stay for the next call, idle in the pool: no item,
-    # no hook (the hook is per thread: cleared by each worker as it idles).
+    # Worker threads may stay for the next call, idle in the pool; none may
+    # still run an item. The caller's hook is not left set.
     test.assertIsNone(_collective_hook.fn)
-    workers = [t for t in threading.enumerate() if t.name.startswith("parallel_map")]
-    test.assertEqual(len(workers), _pool.pool.idle_count())
+    for _ in range(100):  # a thread whose idle time just ran out is exiting
+        workers = [
+            t for t in threading.enumerate() if t.name.startswith("parallel_map")
+        ]
+        if len(workers) == _pool.pool.idle_count():
+            return
+        time.sleep(0.05)
+    test.fail(f"{len(workers)} worker threads, {_pool.pool.idle_count()} of them idle")
 
 
 def _full(value, n=2):
@@ -263,18 +274,18 @@ class _TestsForEveryWorldSize:
                 acc.append(t[0].item())
             return acc
 
+        expected = [
+            [float(ws * (i * 10 + k) + ws * (ws - 1) // 2) for k in range((i * 7) % 5)]
+            for i in range(12)
+        ]
+        # (A loop, not @parametrize: this test is inherited by the class of
+        # each world size, and instantiate_parametrized_tests cannot
+        # instantiate inherited tests.)
         for max_workers in (1, 2, 3, 16):
             with self.subTest(max_workers=max_workers), _recording_schedule() as issued:
                 results = parallel_map(item, range(12), max_workers=max_workers)
-                expected = [
-                    [
-                        float(ws * (i * 10 + k) + ws * (ws - 1) // 2)
-                        for k in range((i * 7) % 5)
-                    ]
-                    for i in range(12)
-                ]
-                self.assertEqual(results, expected)
-                self._assert_same_on_every_rank((max_workers, issued))
+            self.assertEqual(results, expected)
+            self._assert_same_on_every_rank((max_workers, issued))
         self._assert_clean()
 
     @requires_gloo()
@@ -313,21 +324,22 @@ class _TestsForEveryWorldSize:
 
         group = dist.distributed_c10d._get_default_group()
         calls = sum(i % 4 + 1 for i in range(10))
-        for max_workers in (2, 3, 8):
+        for max_workers in (2, 3, 8):  # a loop: see the test above
             with self.subTest(max_workers=max_workers), _recording_schedule() as issued:
                 before = group._get_sequence_number_for_group()
                 results = parallel_map(
                     item, range(10), max_workers=max_workers, coalesce_all_reduces=True
                 )
                 collectives = group._get_sequence_number_for_group() - before
-                for i, out in enumerate(results):
-                    self.assertEqual(out, [expected(i, k) for k in range(i % 4 + 1)])
-                self.assertEqual(len(issued), calls)
-                self.assertLess(collectives, calls)
-                self._assert_same_on_every_rank((issued, collectives))
+            for i, out in enumerate(results):
+                self.assertEqual(out, [expected(i, k) for k in range(i % 4 + 1)])
+            self.assertEqual(len(issued), calls)
+            self.assertLess(collectives, calls)
+            self._assert_same_on_every_rank((issued, collectives))
         self._assert_clean()
 
 
+@instantiate_parametrized_tests
 class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
     @property
     def world_size(self):
@@ -651,31 +663,30 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         self.assertEqual(count, serial_count)
         self._assert_clean()
 
+    @parametrize("failing, max_workers", [(0, 2), (3, 2), (5, 3), (2, 8)])
     @requires_gloo()
-    def test_symmetric_failure(self):
+    def test_symmetric_failure(self, failing, max_workers):
         self._init()
         ws = self.world_size
 
-        for failing, max_workers in ((0, 2), (3, 2), (5, 3), (2, 8)):
+        def item(i):
+            t = _full(i)
+            dist.all_reduce(t)
+            if i == failing:
+                raise ValueError(f"item {i} failed")
+            dist.all_reduce(t)
+            return t[0].item()
 
-            def item(i, failing=failing):
-                t = _full(i)
-                dist.all_reduce(t)
-                if i == failing:
-                    raise ValueError(f"item {i} failed")
-                dist.all_reduce(t)
-                return t[0].item()
-
-            with self.subTest(failing=failing), _recording_schedule() as issued:
-                with self.assertRaisesRegex(
-                    ValueError, f"item {failing} failed"
-                ) as caught:
-                    parallel_map(item, range(8), max_workers=max_workers)
-                self._assert_same_on_every_rank((str(caught.exception), issued))
-                # The process group is still in step: a later collective matches.
-                t = _full(self.rank + failing)
-                dist.all_reduce(t)
-                self.assertEqual(t, _full(ws * failing + ws * (ws - 1) // 2))
+        with (
+            _recording_schedule() as issued,
+            self.assertRaisesRegex(ValueError, f"item {failing} failed") as caught,
+        ):
+            parallel_map(item, range(8), max_workers=max_workers)
+        self._assert_same_on_every_rank((str(caught.exception), issued))
+        # The process group is still in step: a later collective matches.
+        t = _full(self.rank + failing)
+        dist.all_reduce(t)
+        self.assertEqual(t, _full(ws * failing + ws * (ws - 1) // 2))
         self._assert_clean()
 
     @requires_gloo()
@@ -807,23 +818,20 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         self.assertEqual(results, [2.0 * i + 1 for i in range(6)])
         self._assert_clean()
 
+    @parametrize("max_workers", [2, 1])
     @requires_gloo()
-    def test_schedule_check_compares_item_counts(self):
+    def test_schedule_check_compares_item_counts(self, max_workers):
         # Rank 0 has one item, rank 1 two: the check must say so, with one
         # worker or several, instead of letting both ranks time out.
         self._init(timeout=datetime.timedelta(seconds=20))
         r = self.rank
-        for max_workers in (2, 1):
-            with (
-                self.subTest(max_workers=max_workers),
-                self.assertRaisesRegex(RuntimeError, "schedules differ between ranks"),
-            ):
-                parallel_map(
-                    lambda i: _all_reduce_value(i, r),
-                    range(1 + r),
-                    max_workers=max_workers,
-                    check_schedule=True,
-                )
+        with self.assertRaisesRegex(RuntimeError, "schedules differ between ranks"):
+            parallel_map(
+                lambda i: _all_reduce_value(i, r),
+                range(1 + r),
+                max_workers=max_workers,
+                check_schedule=True,
+            )
         self._assert_clean()
 
     @requires_gloo()
@@ -879,41 +887,51 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         self._assert_same_on_every_rank(issued)
         self._assert_clean()
 
+    def _item_of_several_iterables(self, i, label, scale=1):
+        t = _full(i * 10 + self.rank)
+        dist.all_reduce(t)
+        return label, t[0].item() * scale
+
+    def _serial_of_several_iterables(self, i, label, scale=1):
+        ws = self.world_size
+        return label, (ws * i * 10 + ws * (ws - 1) // 2) * scale
+
+    @parametrize("max_workers", [1, 2, 3])
     @requires_gloo()
-    def test_several_iterables(self):
+    def test_several_iterables_as_map(self, max_workers):
+        self._init()
+        item, serial = (
+            self._item_of_several_iterables,
+            self._serial_of_several_iterables,
+        )
+        scales = [3, 1, 4, 1, 5]
+        # As map(): fn gets one argument per iterable, the items stop at the
+        # shortest iterable, an endless one is fine, and each iterator is
+        # advanced exactly as far as map advances it.
+        labels, serial_labels = iter("abcdefgh"), iter("abcdefgh")
+        with _recording_schedule() as issued:
+            results = parallel_map(
+                item, itertools.count(), labels, scales, max_workers=max_workers
+            )
+        self.assertEqual(
+            results, list(map(serial, itertools.count(), serial_labels, scales))
+        )
+        self.assertEqual(list(labels), list(serial_labels))
+        self._assert_same_on_every_rank(issued)
+        self.assertEqual(
+            parallel_map(item, [7], "z", max_workers=max_workers), [serial(7, "z")]
+        )
+        self.assertEqual(parallel_map(item, [], "z", max_workers=max_workers), [])
+        self._assert_clean()
+
+    @requires_gloo()
+    def test_several_iterables_strict_and_multi_apply(self):
         self._init()
         ws, r = self.world_size, self.rank
-
-        def item(i, label, scale=1):
-            t = _full(i * 10 + r)
-            dist.all_reduce(t)
-            return label, t[0].item() * scale
-
-        def serial(i, label, scale=1):
-            return label, (ws * i * 10 + ws * (ws - 1) // 2) * scale
-
-        scales = [3, 1, 4, 1, 5]
-        for max_workers in (1, 2, 3):
-            with self.subTest(max_workers=max_workers), _recording_schedule() as issued:
-                # As map(): fn gets one argument per iterable, the items stop at the
-                # shortest iterable, an endless one is fine, and each iterator is
-                # advanced exactly as far as map advances it.
-                labels, serial_labels = iter("abcdefgh"), iter("abcdefgh")
-                results = parallel_map(
-                    item, itertools.count(), labels, scales, max_workers=max_workers
-                )
-                self.assertEqual(
-                    results, list(map(serial, itertools.count(), serial_labels, scales))
-                )
-                self.assertEqual(list(labels), list(serial_labels))
-                self._assert_same_on_every_rank(issued)
-                self.assertEqual(
-                    parallel_map(item, [7], "z", max_workers=max_workers),
-                    [serial(7, "z")],
-                )
-                self.assertEqual(
-                    parallel_map(item, [], "z", max_workers=max_workers), []
-                )
+        item, serial = (
+            self._item_of_several_iterables,
+            self._serial_of_several_iterables,
+        )
 
         # The multi_apply recipe of the docs: keyword arguments through partial,
         # one list per output.
@@ -1131,6 +1149,34 @@ class CtrlCTest(_OneRankTestCase):
         self.assertEqual(self.cancelled, ["CollectiveCancelledError"] * 2)
         self._assert_the_next_call_works()
 
+    def test_a_ctrl_c_as_the_call_ends_leaves_no_claim_on_the_top_level(self):
+        # The call's last steps restore the caller's intra-op threads and
+        # release the top level; a Ctrl-C landing there (here: raised while
+        # the threads are restored) must not leave it claimed, or every later
+        # call from another thread would be refused.
+        from torch.distributed.threading import _parallel_map
+
+        real = torch.set_num_threads
+
+        def interrupted(n):
+            real(n)
+            if threading.current_thread() is threading.main_thread():
+                raise KeyboardInterrupt  # workers set theirs too: not there
+
+        with (
+            self.assertRaises(KeyboardInterrupt),
+            mock.patch.object(torch, "set_num_threads", interrupted),
+        ):
+            parallel_map(lambda i: i, range(4), max_workers=2)
+        self.assertIsNone(_parallel_map._owner)
+        other = []
+        thread = threading.Thread(
+            target=lambda: other.append(parallel_map(str, range(2), max_workers=2))
+        )
+        thread.start()
+        thread.join()
+        self.assertEqual(other, [["0", "1"]])
+
 
 class TurnTest(_OneRankTestCase):
     """Workers issue their calls themselves when they hold the turn."""
@@ -1242,16 +1288,47 @@ class WorkerPoolTest(TestCase):
 
     def test_idle_workers_are_reused_then_exit(self):
         self._wait_until_no_workers()  # of earlier tests
-        parallel_map(str, range(3), max_workers=3)
-        first = self._workers()
-        self.assertEqual(len(first), 3)
-        self.assertEqual(_pool.pool.idle_count(), 3)
-        parallel_map(str, range(3), max_workers=3)
-        self.assertEqual(self._workers(), first)  # the same threads served it
+        with mock.patch.object(_pool, "IDLE_TIMEOUT_S", 60.0):  # however slow
+            parallel_map(str, range(3), max_workers=3)
+            first = self._workers()
+            self.assertEqual(len(first), 3)
+            self.assertEqual(_pool.pool.idle_count(), 3)
+            parallel_map(str, range(3), max_workers=3)
+            self.assertEqual(self._workers(), first)  # the same threads served it
         with mock.patch.object(_pool, "IDLE_TIMEOUT_S", 0.05):
             parallel_map(str, range(3), max_workers=3)  # now idle for 0.05 s
             self._wait_until_no_workers()
         self.assertEqual(_pool.pool.idle_count(), 0)
+
+    def test_a_ctrl_c_before_the_threads_are_back_in_the_pool_ends_them(self):
+        # Ctrl-C after the items ended but before their threads went back to
+        # the pool: the threads must end, not wait for a job for good.
+        self._wait_until_no_workers()
+
+        def interrupted(threads):
+            raise KeyboardInterrupt
+
+        with (
+            mock.patch.object(_pool.pool, "release", interrupted),
+            self.assertRaises(KeyboardInterrupt),
+        ):
+            parallel_map(str, range(3), max_workers=3)
+        self.assertEqual(self._workers(), set())  # ended before the raise
+
+
+class ItemFailureTest(TestCase):
+    def test_the_lowest_failed_item_is_raised_with_the_others_as_notes(self):
+        def item(i):
+            if i in (1, 3):
+                raise ValueError(f"item {i} failed")
+            return i
+
+        with self.assertRaisesRegex(ValueError, "item 1 failed") as caught:
+            parallel_map(item, range(6), max_workers=4)
+        notes = getattr(caught.exception, "__notes__", [])
+        self.assertEqual(
+            notes, ["parallel_map: item 3 also failed: ValueError: item 3 failed"]
+        )
 
 
 class PublicApiTest(TestCase):

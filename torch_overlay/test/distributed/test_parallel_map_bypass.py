@@ -33,7 +33,12 @@ from torch.testing._internal.common_distributed import (
     requires_gloo,
     skip_if_lt_x_gpu,
 )
-from torch.testing._internal.common_utils import run_tests, TestCase
+from torch.testing._internal.common_utils import (
+    instantiate_parametrized_tests,
+    parametrize,
+    run_tests,
+    TestCase,
+)
 
 
 _ITEMS = 12
@@ -77,11 +82,17 @@ class _Base(MultiProcessTestCase):
         return float(i * sum(r + 1 for r in range(self.world_size)))
 
     def _assert_clean(self):
+        # Only idle pooled threads outlive a call (one whose idle time just
+        # ran out may still be exiting), and the caller's hook is not left set.
         self.assertIsNone(_collective_hook.fn)
-        workers = [
-            t for t in threading.enumerate() if t.name.startswith("parallel_map")
-        ]
-        self.assertEqual(len(workers), _pool.pool.idle_count())
+        for _ in range(100):
+            workers = [
+                t for t in threading.enumerate() if t.name.startswith("parallel_map")
+            ]
+            if len(workers) == _pool.pool.idle_count():
+                return
+            time.sleep(0.05)
+        self.fail(f"{len(workers)} worker threads, {_pool.pool.idle_count()} idle")
 
     def _assert_usable_again(self):
         def item(i):
@@ -94,10 +105,11 @@ class _Base(MultiProcessTestCase):
         self.assertEqual(results, [self._reduced(i) for i in range(_ITEMS)])
 
 
+@instantiate_parametrized_tests
 class CompiledCollectivesTest(_Base):
     """The compile matrix: backend x where it was compiled first."""
 
-    def _check_backend(self, backend):
+    def _check_backend(self, backend, first):
         self._init()
         ws = self.world_size
         mesh = init_device_mesh("cpu", (ws,))
@@ -116,26 +128,24 @@ class CompiledCollectivesTest(_Base):
             )
             return [self._reduced(i)] * 2, [2 * self._reduced(i)] * 2, gathered.tolist()
 
-        for first in ("caller", "worker"):
-            with self.subTest(backend=backend, compiled_first_on=first):
-                torch._dynamo.reset()
-                compiled = torch.compile(body, backend=backend, fullgraph=True)
-                if first == "caller":  # a warm-up step before the parallel part
-                    out = compiled(self._value(1))
-                    self.assertEqual([t.tolist() for t in out], list(expected(1)))
+        torch._dynamo.reset()
+        compiled = torch.compile(body, backend=backend, fullgraph=True)
+        if first == "caller":  # a warm-up step before the parallel part
+            out = compiled(self._value(1))
+            self.assertEqual([t.tolist() for t in out], list(expected(1)))
 
-                def item(i, compiled=compiled):
-                    time.sleep(self.delays[i])
-                    return [t.tolist() for t in compiled(self._value(i))]
+        def item(i):
+            time.sleep(self.delays[i])
+            return [t.tolist() for t in compiled(self._value(i))]
 
-                # Compiled once, whoever was first: no thread recompiles.
-                with torch._dynamo.config.patch(error_on_recompile=first == "caller"):
-                    results = parallel_map(item, range(_ITEMS), max_workers=4)
-                self._assert_gil_off()
-                self.assertEqual(results, [list(expected(i)) for i in range(_ITEMS)])
-                with torch._dynamo.config.patch(error_on_recompile=True):
-                    out = compiled(self._value(5))  # and on the caller again, unchanged
-                self.assertEqual([t.tolist() for t in out], list(expected(5)))
+        # Compiled once, whoever was first: no thread recompiles.
+        with torch._dynamo.config.patch(error_on_recompile=first == "caller"):
+            results = parallel_map(item, range(_ITEMS), max_workers=4)
+        self._assert_gil_off()
+        self.assertEqual(results, [list(expected(i)) for i in range(_ITEMS)])
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out = compiled(self._value(5))  # and on the caller again, unchanged
+        self.assertEqual([t.tolist() for t in out], list(expected(5)))
         self._assert_clean()
 
     @requires_gloo()
@@ -175,17 +185,20 @@ class CompiledCollectivesTest(_Base):
             torch.compile(step, backend="eager", fullgraph=True)(torch.zeros(1))
         torch._dynamo.reset()
 
+    @parametrize("compiled_first_on", ["caller", "worker"])
     @requires_gloo()
-    def test_compiled_eager(self):
-        self._check_backend("eager")
+    def test_compiled_eager(self, compiled_first_on):
+        self._check_backend("eager", compiled_first_on)
 
+    @parametrize("compiled_first_on", ["caller", "worker"])
     @requires_gloo()
-    def test_compiled_aot_eager(self):
-        self._check_backend("aot_eager")
+    def test_compiled_aot_eager(self, compiled_first_on):
+        self._check_backend("aot_eager", compiled_first_on)
 
+    @parametrize("compiled_first_on", ["caller", "worker"])
     @requires_gloo()
-    def test_compiled_inductor(self):
-        self._check_backend("inductor")
+    def test_compiled_inductor(self, compiled_first_on):
+        self._check_backend("inductor", compiled_first_on)
 
 
 class BypassDetectionTest(_Base):

@@ -56,17 +56,18 @@ if TYPE_CHECKING:
 __all__: list[str] = []
 
 
-def _uninterruptible(step: Callable[[], object]) -> KeyboardInterrupt | None:
+def _uninterruptible(step: Callable[[], object]) -> BaseException | None:
     """Run ``step`` to its end even if Ctrl-C comes; returns the Ctrl-C, for the
     caller to raise once it has done what must be done.
 
-    ``step`` must be safe to run again from the start.
+    ``step`` must be safe to run again from the start. ``SystemExit`` counts
+    as a Ctrl-C: a SIGINT handler of the user's may raise it.
     """
-    interrupt: KeyboardInterrupt | None = None
+    interrupt: BaseException | None = None
     while True:
         try:
             step()
-        except KeyboardInterrupt as error:
+        except (KeyboardInterrupt, SystemExit) as error:
             interrupt = interrupt or error
             continue
         return interrupt
@@ -75,6 +76,14 @@ def _uninterruptible(step: Callable[[], object]) -> KeyboardInterrupt | None:
 def _retire(threads: list[PooledThread]) -> None:
     for thread in threads:
         thread.retire()
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    # BaseException.add_note is new in Python 3.11; 3.10 keeps the notes unprinted.
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:
+        error.__notes__ = [*getattr(error, "__notes__", ()), note]
 
 
 class Coordinator:
@@ -150,18 +159,21 @@ class Coordinator:
         second Ctrl-C stops the wait, and the retired threads still exit as
         soon as their item does.
         """
-        interrupt = _uninterruptible(self._stop)
-        if clean and interrupt is None:
-            try:
+        try:
+            interrupt = _uninterruptible(self._stop)
+            if clean and interrupt is None:
                 for thread in threads:
                     thread.wait()
-            except BaseException:  # Ctrl-C: the threads end, as after a failure
-                _uninterruptible(lambda: _retire(threads))
-                for thread in threads:
-                    thread.join()
-                raise
-            pool.release(threads)
-            return
+                pool.release(threads)
+                return
+        # Ctrl-C anywhere before the threads are back in the pool (between
+        # two steps, say): the threads end, as after a failure. Left neither
+        # idle nor retired, a pooled thread would wait for a job for good.
+        except BaseException:
+            _uninterruptible(lambda: _retire(threads))
+            for thread in threads:
+                thread.join()
+            raise
         interrupt = _uninterruptible(lambda: _retire(threads)) or interrupt
         for thread in threads:
             thread.join()
@@ -286,6 +298,7 @@ class Coordinator:
     ) -> None:
         for index in sorted(self._errors) if indices is None else indices:
             other = self._errors[index]
-            error.add_note(
-                f"parallel_map: item {index} also failed: {type(other).__name__}: {other}"
+            _add_note(
+                error,
+                f"parallel_map: item {index} also failed: {type(other).__name__}: {other}",
             )

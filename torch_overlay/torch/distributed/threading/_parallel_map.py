@@ -306,10 +306,11 @@ def parallel_map(
             with RefuseCollectivesOnWorkers(), _op_hook.HookedOps():
                 return schedule.run()
         finally:
-            # Worker threads set the process-wide default that new threads start with.
-            torch.set_num_threads(caller_threads)
-            if outermost and _owner == me:
-                _release_top_level()
+            with shielded:  # a Ctrl-C here must not leave the top level claimed
+                if outermost and _owner == me:
+                    _release_top_level()
+                # Workers set the process-wide default that new threads start with.
+                torch.set_num_threads(caller_threads)
 
 
 def _star(fn: Callable[..., _R]) -> Callable[[tuple[Any, ...]], _R]:
