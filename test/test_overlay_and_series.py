@@ -21,15 +21,15 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import _hook_edits  # noqa: E402
+import _overlay_files  # noqa: E402
 import _stack  # noqa: E402
 import _upstream_files  # noqa: E402
 
 OVERLAY = [sys.executable, str(REPO / "scripts" / "overlay")]
 SERIES = [sys.executable, str(REPO / "scripts" / "series")]
 EDITED = list(_hook_edits.STEPS)
-# The series' C++ edits: no C++ source is at hand here, so git am leaves them out.
-NOT_IN_A_WHEEL = ["--exclude=aten/*", "--exclude=torch/csrc/*",
-                  "--exclude=docs/source/pytorch-api.md"]
+# The series' by-hand edits: no wheel has the files they change, so git am leaves them out.
+NOT_IN_A_WHEEL = [f"--exclude={path}" for path in _overlay_files.Overlay.load().by_hand_edits]
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
