@@ -1315,6 +1315,34 @@ class WorkerPoolTest(TestCase):
             parallel_map(str, range(3), max_workers=3)
         self.assertEqual(self._workers(), set())  # ended before the raise
 
+    def test_no_worker_thread_is_left_for_interpreter_finalization(self):
+        # A daemon thread that wakes during finalization is ended with
+        # pthread_exit before Python 3.14, which aborts the process when C++
+        # frames are on its stack. atexit callbacks run last-registered first:
+        # `finalizing` runs after the pool has closed, and `late_call` calls
+        # parallel_map after that, as another atexit callback might.
+        probe = (
+            "import atexit, threading\n"
+            "def finalizing():\n"
+            "    left = [t.name for t in threading.enumerate()\n"
+            "            if t.name.startswith('parallel_map')]\n"
+            "    assert not left, left\n"
+            "    print('checked', flush=True)\n"
+            "def late_call():\n"
+            "    assert parallel_map(str, range(3), max_workers=3) == ['0', '1', '2']\n"
+            "atexit.register(finalizing)\n"
+            "atexit.register(late_call)\n"
+            "from torch.distributed.threading import _pool, parallel_map\n"
+            "_pool.IDLE_TIMEOUT_S = 3600.0\n"
+            "parallel_map(str, range(3), max_workers=3)\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout, "checked\n")  # the check ran
+        self.assertNotIn("Error", done.stderr)  # atexit errors do not set the code
+
 
 class ItemFailureTest(TestCase):
     def test_the_lowest_failed_item_is_raised_with_the_others_as_notes(self):

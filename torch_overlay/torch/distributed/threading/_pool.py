@@ -5,10 +5,19 @@ A new thread costs more than its creation: PyTorch sets up per-thread state
 made back to back, one per training step say, reuse the threads of the
 previous call instead. A thread idle for ``IDLE_TIMEOUT_S`` exits; idle
 threads hold no item, no collective hook and no reference to user objects.
+
+The pool closes at interpreter exit (``atexit``): idle threads end then, and
+threads of a later call end when it does. Left to run into finalization, a
+daemon thread that wakes there is ended by CPython before 3.14 with
+``pthread_exit``, which aborts the process if C++ frames are on the thread's
+stack (TorchDynamo's frame evaluation hook, for one). Threads stay daemon
+threads all the same, so that a call still running at exit, in a daemon
+thread of the user's, cannot keep the process alive.
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
@@ -84,6 +93,7 @@ class WorkerPool:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle: list[PooledThread] = []
+        self._closed = False
         self._numbers = itertools.count()
         if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
             os.register_at_fork(after_in_child=self._forget)
@@ -107,7 +117,17 @@ class WorkerPool:
 
     def release(self, threads: list[PooledThread]) -> None:
         with shielded, self._lock:
-            self._idle.extend(threads)
+            if not self._closed:
+                self._idle.extend(threads)
+                return
+        _end(threads)
+
+    def close(self) -> None:
+        """End the idle threads; threads released from now on end too."""
+        with shielded, self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        _end(idle)
 
     def expire(self, thread: PooledThread) -> bool:
         """Take ``thread`` out if it is idle; False if a caller just took it."""
@@ -127,4 +147,12 @@ class WorkerPool:
         self._idle = []
 
 
+def _end(threads: list[PooledThread]) -> None:
+    for thread in threads:
+        thread.retire()
+    for thread in threads:
+        thread.join()
+
+
 pool = WorkerPool()
+atexit.register(pool.close)
