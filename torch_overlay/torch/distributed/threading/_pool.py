@@ -9,10 +9,11 @@ threads hold no item, no collective hook and no reference to user objects.
 The pool closes at interpreter exit (``atexit``): idle threads end then, and
 threads of a later call end when it does. Left to run into finalization, a
 daemon thread that wakes there is ended by CPython before 3.14 with
-``pthread_exit``, which aborts the process if C++ frames are on the thread's
-stack (TorchDynamo's frame evaluation hook, for one). Threads stay daemon
+``pthread_exit``, which aborts the process if a C++ frame on the thread's
+stack then releases a Python object (a tensor's). Threads stay daemon
 threads all the same, so that a call still running at exit, in a daemon
-thread of the user's, cannot keep the process alive.
+thread of the user's, cannot keep the process alive; its threads are left
+to the interpreter.
 """
 
 from __future__ import annotations
