@@ -309,7 +309,7 @@ def test_run_time_replacement_of_torch_attributes_is_confined_to_the_swaps():
                for path in patch.new_files if path.endswith(".py"))
     ]
     assert swapping == [
-        "[c10d] parallel_map: refuse, or detect, collectives that bypass the schedule",
+        "[c10d] parallel_map: refuse direct ProcessGroup collective calls on workers",
         "[c10d] parallel_map: schedule the functional collective ops",
     ]
 

@@ -294,7 +294,7 @@ class BypassDetectionTest(_Base):
     @requires_gloo()
     def test_detection_can_be_turned_off(self):
         # A thread that fn starts is seen by the counters only; turned off, the
-        # call returns (the refusals of direct calls stay on).
+        # call returns (refusals stay on).
         self._init()
         with mock.patch.dict(
             os.environ, {"TORCH_DISTRIBUTED_THREADING_DETECT_BYPASS": "0"}
