@@ -556,7 +556,8 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
 
         r = self.rank
         world = dist.group.WORLD
-        delays = [random.Random(99 + r).random() * 0.004 for _ in range(10)]
+        rng = random.Random(99 + r)
+        delays = [rng.random() * 0.004 for _ in range(10)]
 
         def item(i):
             for k in range(4):
@@ -584,7 +585,8 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         self._init()
         ws, r = self.world_size, self.rank
         mine, _ = dist.new_subgroups(group_size=1)
-        delays = [random.Random(7 + r).random() * 0.002 for _ in range(8)]
+        rng = random.Random(7 + r)
+        delays = [rng.random() * 0.002 for _ in range(8)]
 
         def item(i):
             out = []
@@ -614,7 +616,8 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         # (C++ collectives, reached through the hooked torch.distributed.utils).
         self._init()
         r = self.rank
-        delays = [random.Random(7 + r).random() * 0.004 for _ in range(12)]
+        rng = random.Random(7 + r)
+        delays = [rng.random() * 0.004 for _ in range(12)]
 
         def item(i):
             time.sleep(delays[i])
@@ -635,7 +638,8 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         # the forwards before it). Forward broadcasts rank 0's buffers.
         self._init()
         r = self.rank
-        delays = [random.Random(11 + r).random() * 0.004 for _ in range(12)]
+        rng = random.Random(11 + r)
+        delays = [rng.random() * 0.004 for _ in range(12)]
 
         def models():
             built = []
@@ -849,7 +853,8 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         self._init()
         ws, r = self.world_size, self.rank
         torch.manual_seed(77)  # as on every rank
-        delays = [random.Random(5 + r).random() * 0.003 for _ in range(8)]
+        rng = random.Random(5 + r)
+        delays = [rng.random() * 0.003 for _ in range(8)]
 
         def item(i):
             g = item_generator()

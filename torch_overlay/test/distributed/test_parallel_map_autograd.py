@@ -596,19 +596,15 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
 
 
 # Getters of per-thread state, found by name in these namespaces; called
-# without arguments. What differs between threads by design is left out.
+# without arguments.
 _GETTER = re.compile(r"^_?(is|get)_\w*(enabled|mode|modes|state|disabled|tls)$")
-_NOT_COMPARED = {
-    "get_num_threads",  # items split the caller's intra-op threads
-    "_get_sequence_nr",  # numbered in the loop's order, compared by the order tests
-}
 
 
 def _getters():
     found = {}
     for module in (torch, torch._C, torch._C._autograd, torch._C._functorch):
         for name in dir(module):
-            if _GETTER.match(name) and name not in _NOT_COMPARED:
+            if _GETTER.match(name):
                 found[f"{module.__name__}.{name}"] = getattr(module, name)
     return found
 

@@ -4,8 +4,7 @@
 Compiled code (``torch.compile`` with the eager, aot_eager and inductor
 backends) that calls ``dist.*``, functional collectives or DTensor goes
 through the schedule and returns the serial loop's results, wherever it was
-compiled first. DDP's construction and buffer broadcast in ``fn`` are
-scheduled. What cannot be scheduled (a direct ProcessGroup call, a thread
+compiled first. What cannot be scheduled (a direct ProcessGroup call, a thread
 that ``fn`` starts, the process-wide coalescing manager) raises on every rank, in time, and leaves a process
 group that the next parallel_map can use. Items sleep for random times that
 differ between ranks, so that an unscheduled collective pairs up wrongly.

@@ -26,7 +26,8 @@ included. A change outside these windows raises
 a window counts as the schedule's; code that bypasses once usually does so
 again outside one. ``dist._coalescing_manager`` keeps collectives in
 process-wide state: workers may not enter it, and the schedule does not
-issue while it is active. Backends without counters are skipped;
+issue while it is active. Backends without counters, and groups built
+outside the registry (``c10d._world.pg_map``), are not counted;
 ``TORCH_DISTRIBUTED_THREADING_DETECT_BYPASS=0`` turns detection off. The
 detector is used only by the thread that holds the turn: the turn is its lock.
 """

@@ -195,7 +195,8 @@ def parallel_map(
         ValueError: ``max_workers`` or ``intra_op_threads`` is less than 1,
             or ``report_hang_after`` is not positive.
         RuntimeError: another thread is running a top-level ``parallel_map``;
-            refused before anything is communicated.
+            refused before anything is communicated. (A call from ``fn`` is
+            nested: it goes through the outer call's schedule.)
         CollectiveBypassError: a collective reached a process group outside
             the schedule (see the docs' "What reaches a process group").
         ScheduleMismatchError: with ``check_schedule``, the ranks were about
