@@ -1422,6 +1422,34 @@ class ItemFailureTest(TestCase):
         )
 
 
+@instantiate_parametrized_tests
+class IntraOpThreadsTest(TestCase):
+    """Workers share the caller's intra-op threads; the caller keeps its count."""
+
+    def setUp(self):
+        super().setUp()
+        self.addCleanup(torch.set_num_threads, torch.get_num_threads())
+        torch.set_num_threads(6)
+
+    def _seen_by_items(self, **kwargs):
+        return parallel_map(
+            lambda _: torch.get_num_threads(), range(4), max_workers=2, **kwargs
+        )
+
+    def test_workers_divide_the_callers_threads_by_default(self):
+        self.assertEqual(self._seen_by_items(), [3, 3, 3, 3])
+        self.assertEqual(torch.get_num_threads(), 6)
+
+    def test_intra_op_threads_sets_each_workers_count(self):
+        self.assertEqual(self._seen_by_items(intra_op_threads=5), [5, 5, 5, 5])
+        self.assertEqual(torch.get_num_threads(), 6)
+
+    @parametrize("value, error", [(0, ValueError), (True, TypeError), (1.5, TypeError)])
+    def test_a_bad_count_is_refused(self, value, error):
+        with self.assertRaisesRegex(error, "intra_op_threads"):
+            self._seen_by_items(intra_op_threads=value)
+
+
 class PublicApiTest(TestCase):
     """The rules test_public_bindings.py enforces, for this package."""
 
