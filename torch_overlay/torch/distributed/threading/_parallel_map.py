@@ -142,7 +142,13 @@ def parallel_map(
     :func:`item_generator`). Items must not wait for each other: an item's
     collective is issued only at its slot's turn, so an item waiting for
     another's later work can deadlock where the loop would not (the hang
-    report says so).
+    report says so). A direct ``ProcessGroup`` or ``Backend`` collective
+    method call on a worker is refused; other collectives that reach a process
+    group other than through ``torch.distributed``'s functions and its
+    functional collective ops (a thread that ``fn`` starts, C++ callers such
+    as DDP's reducer or AOTInductor) are not scheduled; the detector raises
+    :class:`CollectiveBypassError` for most of them (docs: "What reaches a
+    process group").
 
     Args:
         fn: Called once per item, on a worker thread, with one argument
