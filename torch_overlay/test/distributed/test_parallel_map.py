@@ -1436,17 +1436,28 @@ class IntraOpThreadsTest(TestCase):
             lambda _: torch.get_num_threads(), range(4), max_workers=2, **kwargs
         )
 
+    def _assert_the_callers_count_is_back(self):
+        # On the caller, and for threads started later: a worker's
+        # set_num_threads also sets the count new threads start with.
+        started_later = []
+        thread = threading.Thread(
+            target=lambda: started_later.append(torch.get_num_threads())
+        )
+        thread.start()
+        thread.join()
+        self.assertEqual((torch.get_num_threads(), started_later), (6, [6]))
+
     def test_workers_divide_the_callers_threads_by_default(self):
         self.assertEqual(self._seen_by_items(), [3, 3, 3, 3])
-        self.assertEqual(torch.get_num_threads(), 6)
+        self._assert_the_callers_count_is_back()
 
     def test_intra_op_threads_sets_each_workers_count(self):
         self.assertEqual(self._seen_by_items(intra_op_threads=5), [5, 5, 5, 5])
-        self.assertEqual(torch.get_num_threads(), 6)
+        self._assert_the_callers_count_is_back()
 
     @parametrize("value, error", [(0, ValueError), (True, TypeError), (1.5, TypeError)])
     def test_a_bad_count_is_refused(self, value, error):
-        with self.assertRaisesRegex(error, "intra_op_threads"):
+        with self.assertRaisesRegex(error, "intra_op_threads must be"):
             self._seen_by_items(intra_op_threads=value)
 
 

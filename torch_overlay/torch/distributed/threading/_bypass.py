@@ -26,8 +26,9 @@ included. A change outside these windows raises
 a window counts as the schedule's; code that bypasses once usually does so
 again outside one. ``dist._coalescing_manager`` keeps collectives in
 process-wide state: workers may not enter it, and the schedule does not
-issue while it is active. Backends without counters, and groups built
-outside the registry (``c10d._world.pg_map``), are not counted;
+issue while it is active. Backends without counters, groups built
+outside the registry (``c10d._world.pg_map``) and the schedule check's own
+groups (``exclude``: their collectives are the check's) are not counted;
 ``TORCH_DISTRIBUTED_THREADING_DETECT_BYPASS=0`` turns detection off. The
 detector is used only by the thread that holds the turn: the turn is its lock.
 """
@@ -72,8 +73,7 @@ _CAUSES = (
     "DDP's backward outside parallel_map); a thread that fn starts and that issues "
     "collectives (issue them from fn itself); a collective in a backward pass run by "
     f"autograd's device threads (run backward outside parallel_map). Set {ENV_VAR}=0 "
-    "to turn "
-    "this check off."
+    "to turn this check off."
 )
 
 

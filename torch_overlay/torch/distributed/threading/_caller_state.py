@@ -4,11 +4,12 @@ Every item runs under the state the caller's loop would have given it: the
 caller's whole ``ThreadState`` (see ``_thread_state``: grad and inference
 mode, autocast, mode stacks, saved-tensor hooks, functorch transforms and
 the rest of ``at::ThreadLocalState``), its depth of autocast regions, its
-CUDA device and stream, and a copy of its ``contextvars`` context; its
-autograd nodes are numbered in the loop's order (``_thread_state.Numbering``).
-The worker's own ``ThreadState``, autocast depth and context are back after
-each item, so none of those reaches the next item; Python ``threading.local``
-values are not carried or reset.
+CUDA device and stream (with ``stream_per_worker``, a stream of the worker's
+own, ordered after the caller's), and a copy of its ``contextvars`` context;
+its autograd nodes are numbered in the loop's order
+(``_thread_state.Numbering``). The worker's own ``ThreadState``, autocast
+depth and context are back after each item, so none of those reaches the
+next item; Python ``threading.local`` values are not carried or reset.
 """
 
 from __future__ import annotations

@@ -143,11 +143,11 @@ def parallel_map(
     collective is issued only at its slot's turn, so an item waiting for
     another's later work can deadlock where the loop would not (the hang
     report says so). A direct ``ProcessGroup`` or ``Backend`` collective
-    method call on a worker is refused; other collectives that reach a process
-    group other than through ``torch.distributed``'s functions and its
-    functional collective ops (a thread that ``fn`` starts, C++ callers such
-    as DDP's reducer or AOTInductor) are not scheduled; the detector raises
-    :class:`CollectiveBypassError` for most of them (docs: "What reaches a
+    method call on a worker is refused. The rest of what reaches a process
+    group neither through ``torch.distributed``'s functions nor through the
+    functional collective ops (threads that ``fn`` starts, C++ callers such as
+    DDP's reducer or AOTInductor) is not scheduled; the detector raises
+    :class:`CollectiveBypassError` for most of it (docs: "What reaches a
     process group").
 
     Args:
