@@ -1422,6 +1422,42 @@ class ItemFailureTest(TestCase):
         )
 
 
+class ScheduleCheckGroupTest(TestCase):
+    def test_the_check_group_ends_with_its_world(self):
+        # The check's own process group belongs to the world it checks:
+        # destroy_process_group() ends it (a group kept alive would keep its
+        # gloo threads into interpreter exit), and the next world's checked
+        # call creates one of its own.
+        import gc
+        import weakref
+
+        for _ in range(2):
+            dist.init_process_group(
+                "gloo", store=dist.HashStore(), rank=0, world_size=1
+            )
+            try:
+                before = set(dist.distributed_c10d._world.pg_map)
+                results = parallel_map(
+                    lambda i: _all_reduce_value(i, 0),
+                    range(4),
+                    max_workers=2,
+                    check_schedule=True,
+                )
+                self.assertEqual(results, [0.0, 1.0, 2.0, 3.0])
+                created = [
+                    group
+                    for group in dist.distributed_c10d._world.pg_map
+                    if group not in before
+                ]
+                self.assertEqual(len(created), 1)
+                check_group = weakref.ref(created[0])
+                del before, created
+            finally:
+                dist.destroy_process_group()
+            gc.collect()
+            self.assertIsNone(check_group(), "the check group outlived its world")
+
+
 @instantiate_parametrized_tests
 class IntraOpThreadsTest(TestCase):
     """Workers share the caller's intra-op threads; the caller keeps its count."""

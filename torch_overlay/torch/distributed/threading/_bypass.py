@@ -50,7 +50,7 @@ from ._swap import Swap, SwappedWhileEntered
 
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection
+    from collections.abc import Callable, Iterable
 
     from ._calls import Call
 
@@ -131,7 +131,7 @@ def _group_ids() -> set[int]:
 class BypassDetector:
     """Checks that the process groups count nothing between the schedule's issues."""
 
-    def __init__(self, exclude: Collection[dist.ProcessGroup] = ()) -> None:
+    def __init__(self, exclude: Iterable[dist.ProcessGroup] = ()) -> None:
         self._exclude = {id(group) for group in exclude}
         # Where dist._coalescing_manager keeps its state (one dict, process-wide).
         self._coalescing: dict[Any, Any] = c10d._world.pg_coalesce_state
@@ -253,7 +253,7 @@ class BypassDetector:
         return created
 
 
-def make_detector(exclude: Collection[dist.ProcessGroup]) -> BypassDetector | None:
+def make_detector(exclude: Iterable[dist.ProcessGroup]) -> BypassDetector | None:
     """A detector for a top-level schedule, or None when detection is off."""
     if not enabled():
         return None

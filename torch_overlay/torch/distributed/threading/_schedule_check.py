@@ -13,6 +13,7 @@ item. Point-to-point calls are compared by kind only (a send pairs a recv).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, TYPE_CHECKING
 
 import torch
@@ -43,8 +44,12 @@ _POINT_TO_POINT = frozenset(
 _SHAPELESS = _POINT_TO_POINT | {"all_to_all", "all_to_all_single"}
 
 # One gloo group per default process group, created by the first checked call
-# (which every rank makes, in the same order, like any collective).
-_check_groups: dict[int, dist.ProcessGroup] = {}
+# (which every rank makes, in the same order, like any collective). Held
+# weakly: c10d's registry owns it, so destroy_process_group() ends it and its
+# threads like any other group, and the next world gets a group of its own.
+_check_groups: weakref.WeakValueDictionary[int, dist.ProcessGroup] = (
+    weakref.WeakValueDictionary()
+)
 
 
 def _fingerprint(call: Call) -> tuple[Any, ...]:
@@ -95,9 +100,12 @@ class ScheduleCheck:
             )
         default_group = c10d._get_default_group()
         key = id(default_group)
-        if key not in _check_groups:
-            _check_groups[key] = dist.new_group(backend="gloo")
-        self._group = _check_groups[key]
+        group = _check_groups.get(key)
+        # (A group of a destroyed world whose default group's id was reused.)
+        if group is None or group not in c10d._world.pg_map:
+            group = dist.new_group(backend="gloo")
+            _check_groups[key] = group
+        self._group = group
         self._exchange("start of parallel_map", ("start", max_workers))
 
     def before_issue(self, number: int, call: Call) -> None:
