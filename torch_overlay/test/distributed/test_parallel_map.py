@@ -899,6 +899,49 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         self._assert_same_on_every_rank(issued)
         self._assert_clean()
 
+    @requires_gloo()
+    def test_iterable_is_advanced_while_items_run(self):
+        # As in the loop, the iterable is advanced on the calling thread while
+        # items run: item i is pulled once i + 1 - 2 * max_workers items have
+        # ended, and before more than max(max_workers, i + 1 - max_workers)
+        # have (only items in slots can end). What the iterable raises fails
+        # that index after the items before it ran.
+        self._init()
+        r, max_workers = self.rank, 2
+        lock = threading.Lock()
+        ended = []
+        ended_at_pull = []
+        pulled_on = set()
+
+        def items():
+            for i in range(12):
+                with lock:
+                    ended_at_pull.append(len(ended))
+                pulled_on.add(threading.get_ident())
+                yield i
+            raise ValueError("the iterable failed after 12 items")
+
+        def fn(i):
+            value = _all_reduce_value(i, r)
+            with lock:
+                ended.append(i)
+            return value
+
+        with self.assertRaisesRegex(ValueError, "after 12 items"):
+            parallel_map(fn, items(), max_workers=max_workers)
+        for index, count in enumerate(ended_at_pull):
+            self.assertGreaterEqual(
+                count, index + 1 - 2 * max_workers, f"item {index} pulled too early"
+            )
+            self.assertLessEqual(
+                count,
+                max(max_workers, index + 1 - max_workers),
+                f"item {index} pulled too late",
+            )
+        self.assertEqual(pulled_on, {threading.get_ident()})
+        self.assertEqual(sorted(ended), list(range(12)))
+        self._assert_clean()
+
     def _item_of_several_iterables(self, i, label, scale=1):
         t = _full(i * 10 + self.rank)
         dist.all_reduce(t)
