@@ -1191,34 +1191,6 @@ def test_an_issue_error_is_logged_once_by_c10d(world_of_one, monkeypatch):
     assert len(logged) == 4
 
 
-def test_only_torchs_own_calls_on_plain_tensors_may_be_issued_for_another_item():
-    import torch.distributed as dist
-    from torch.distributed.threading._calls import (
-        ASYNC_THEN_WAIT, Call, call_functional_op, issue_runs_torch_only,
-    )
-    from torch.distributed.threading._thread_state import CallState
-
-    def call(fn, **kwargs):
-        return Call(fn, kwargs, ASYNC_THEN_WAIT, 0, 0, None, CallState.capture())
-
-    plain, sub = torch.zeros(1), torch.zeros(1).as_subclass(_Subclass)
-    assert issue_runs_torch_only(call(dist.all_reduce, tensor=plain))
-    assert issue_runs_torch_only(call(dist.all_gather, tensor_list=[plain, plain], tensor=plain))
-    assert not issue_runs_torch_only(call(dist.all_gather, tensor_list=[plain, sub], tensor=plain))
-    assert not issue_runs_torch_only(call(dist.all_reduce, tensor=sub))
-    op = torch.ops._c10d_functional.all_reduce.default
-    assert issue_runs_torch_only(call(call_functional_op, op=op, args=(plain, "sum", "0"), kwargs={}))
-    assert not issue_runs_torch_only(
-        call(call_functional_op, op=op, args=(sub, "sum", "0"), kwargs={})
-    )
-    with TorchDispatchMode():
-        assert not issue_runs_torch_only(call(dist.all_reduce, tensor=plain))
-    # A pack hook is user code that the issue may run.
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-        assert not issue_runs_torch_only(call(dist.all_reduce, tensor=plain))
-    assert not issue_runs_torch_only(call(fake_collective, log=IssueLog(), tag=0))
-
-
 def test_a_deprecated_collective_warns_once_per_call(world_of_one):
     # The issue runs the entry point without its decorators: the worker's own
     # call has warned already.

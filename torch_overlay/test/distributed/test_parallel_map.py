@@ -1233,6 +1233,39 @@ class CtrlCTest(_OneRankTestCase):
         self.assertEqual(other, [["0", "1"]])
 
 
+class _PythonBackendGroup(dist.ProcessGroup):
+    """A one-rank process group written in Python, registered as a backend.
+
+    Its all_reduce runs ``on_issue`` (user code on the issue path) and
+    records which thread issued it, for which item (the tensor's value).
+    """
+
+    NAME = "test_parallel_map_python"
+
+    def __init__(self):
+        super().__init__(0, 1)
+        self.on_issue = lambda tensors: None
+        self.issued_on = []
+
+    @classmethod
+    def new_group(cls):
+        if cls.NAME.upper() not in dist.Backend._plugins:
+            dist.Backend.register_backend(
+                cls.NAME, lambda *args: cls(), extended_api=True, devices=["cpu"]
+            )
+        return dist.new_group(backend=cls.NAME)
+
+    def allreduce(self, tensors, opts):
+        self.on_issue(tensors)
+        self.issued_on.append((int(tensors[0][0]), threading.current_thread()))
+        future = torch.futures.Future()
+        future.set_result(tensors)
+        return torch._C._distributed_c10d._create_work_from_future(future)
+
+    def getBackendName(self):
+        return self.NAME
+
+
 class TurnTest(_OneRankTestCase):
     """Workers issue their calls themselves when they hold the turn."""
 
@@ -1265,6 +1298,85 @@ class TurnTest(_OneRankTestCase):
         workers = [name for name in issuers if name.startswith("parallel_map")]
         # The coordinating thread sleeps while the items post at the open turn.
         self.assertGreater(len(workers), 0, issuers)
+
+    @requires_gloo()
+    def test_only_torchs_own_code_may_be_issued_for_another_item(self):
+        # Another item's worker may issue a call only if the issue runs no
+        # user code: torch's entry points on plain tensors, no mode or
+        # saved-tensor hook active, a group of torch's own backends.
+        from torch.distributed.threading._calls import (
+            ASYNC_THEN_WAIT,
+            Call,
+            issue_runs_torch_only,
+        )
+        from torch.distributed.threading._thread_state import CallState
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        def runs_torch_only(fn, **kwargs):
+            state = CallState.capture()
+            return issue_runs_torch_only(
+                Call(fn, kwargs, ASYNC_THEN_WAIT, 0, 0, None, state)
+            )
+
+        class Subclass(torch.Tensor):
+            pass
+
+        plain, sub = torch.zeros(1), torch.zeros(1).as_subclass(Subclass)
+        python_group = _PythonBackendGroup.new_group()
+        self.assertTrue(runs_torch_only(dist.all_reduce, tensor=plain, group=None))
+        gather = functools.partial(runs_torch_only, dist.all_gather, group=None)
+        self.assertTrue(gather(tensor_list=[plain, plain], tensor=plain))
+        self.assertFalse(gather(tensor_list=[plain, sub], tensor=plain))
+        self.assertFalse(runs_torch_only(dist.all_reduce, tensor=sub, group=None))
+        self.assertFalse(
+            runs_torch_only(dist.all_reduce, tensor=plain, group=python_group)
+        )
+        # its groups are inside its ops
+        self.assertFalse(runs_torch_only(dist.batch_isend_irecv, p2p_op_list=[]))
+        with TorchDispatchMode():
+            self.assertFalse(runs_torch_only(dist.all_reduce, tensor=plain, group=None))
+        # A pack hook is user code that the issue may run.
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            self.assertFalse(runs_torch_only(dist.all_reduce, tensor=plain, group=None))
+
+    @requires_gloo()
+    def test_a_python_backend_runs_on_its_own_items_thread(self):
+        # A backend written in Python is user code on the issue path: here it
+        # takes a lock that item 0 holds around its own collective. Had item
+        # 0's worker issued item 1's waiting call from inside its own call, it
+        # would wait for itself forever; item 1's own worker issues it.
+        group = _PythonBackendGroup.new_group()
+        lock = threading.Lock()
+
+        def take_lock(tensors):
+            if tensors[0][0] == 1:  # item 1's call
+                with lock:
+                    pass
+
+        group.on_issue = take_lock
+        ran_on = {}
+
+        def item(i):
+            ran_on[i] = threading.current_thread()
+            if i == 0:
+                time.sleep(0.2)  # item 1's call waits for its turn by now
+                with lock:
+                    dist.all_reduce(torch.zeros(1), group=group)
+            else:
+                dist.all_reduce(torch.ones(1), group=group)
+            return i
+
+        result = []
+        runner = threading.Thread(
+            target=lambda: result.append(parallel_map(item, range(2), max_workers=2)),
+            daemon=True,
+        )
+        runner.start()
+        runner.join(10)
+        self.assertFalse(runner.is_alive(), "parallel_map deadlocked")
+        self.assertEqual(result, [[0, 1]])
+        self.assertEqual([i for i, _ in group.issued_on], [0, 1])
+        self.assertIsNot(group.issued_on[1][1], ran_on[0])
 
 
 class HangReportTest(_OneRankTestCase):

@@ -339,6 +339,34 @@ class OpHookTest(TestCase):
             self.assertNotIn(f"_c10d_functional::{name}", hooked)
         self.assertEqual(hooked_ops(), set())  # and none once it returned
 
+    @requires_gloo()
+    def test_a_functional_op_may_be_issued_for_another_item_on_torchs_backends(self):
+        from torch.distributed.threading._calls import (
+            ASYNC_THEN_WAIT,
+            Call,
+            call_functional_op,
+            issue_runs_torch_only,
+        )
+        from torch.distributed.threading._thread_state import CallState
+
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        self.addCleanup(dist.destroy_process_group)
+        op = torch.ops._c10d_functional.all_reduce.default
+
+        def runs_torch_only(*args):
+            kwargs = {"op": op, "args": args, "kwargs": {}}
+            state = CallState.capture()
+            call = Call(call_functional_op, kwargs, ASYNC_THEN_WAIT, 0, 0, None, state)
+            return issue_runs_torch_only(call)
+
+        class Subclass(torch.Tensor):
+            pass
+
+        plain, world = torch.zeros(1), dist.group.WORLD.group_name
+        self.assertTrue(runs_torch_only(plain, "sum", world))
+        self.assertFalse(runs_torch_only(plain, "sum", "no group of this name"))
+        self.assertFalse(runs_torch_only(plain.as_subclass(Subclass), "sum", world))
+
     def test_ops_untouched_outside_parallel_map(self):
         # Outside parallel_map the ops call what they called before the import:
         # no wrapper, no cost. The hooked ones keep what callers rely on.

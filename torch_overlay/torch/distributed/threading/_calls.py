@@ -166,6 +166,36 @@ def _only_plain_tensors(
 # (tests add their fakes).
 TORCH_ONLY_ENTRY_POINTS: set[Callable[..., Any]] = set()
 
+# The backends whose collectives are torch's own code.
+_TORCH_BACKENDS = frozenset({"gloo", "nccl", "ucc", "mpi", "xccl", "fake"})
+
+
+def _group_of(call: Call) -> c10d.ProcessGroup | None:
+    """The process group ``call`` runs on; None when that is not known."""
+    if call.fn is call_functional_op:
+        args, kwargs = call.kwargs["args"], call.kwargs["kwargs"]
+        # every functional collective op takes the group's name last
+        name = kwargs.get("group_name", args[-1] if args else None)
+        if not isinstance(name, str):
+            return None
+        try:
+            resolve = torch._C._distributed_c10d._resolve_process_group
+            return resolve(c10d.GroupName(name))
+        except RuntimeError:  # no group of that name
+            return None
+    if "group" not in call.kwargs:  # batch_isend_irecv: groups inside its ops
+        return None
+    group = call.kwargs["group"]
+    return c10d.GroupMember.WORLD if group is None else group
+
+
+def _backends_are_torchs(group: c10d.ProcessGroup | None) -> bool:
+    """Whether every backend of ``group`` is one of torch's own."""
+    config = None if group is None else c10d._world.pg_backend_config.get(group)
+    return config is not None and all(
+        entry.rpartition(":")[2] in _TORCH_BACKENDS for entry in config.split(",")
+    )
+
 
 def issue_runs_torch_only(call: Call) -> bool:
     """Whether issuing ``call`` runs no code but torch's own, so that any thread may.
@@ -178,14 +208,15 @@ def issue_runs_torch_only(call: Call) -> bool:
     (a mode, a tensor subclass, a pack hook) runs on its issue path that could
     need something held by the thread that issues it. CUDA tensors must be on
     the device of the call's stream, the only CUDA state that the issue takes
-    from its item. A backend written in Python is assumed not to wait for
-    locks that items hold around their collectives.
+    from its item. The call's group must have only torch's own backends: a
+    backend registered through :meth:`~torch.distributed.Backend.register_backend`
+    (one written in Python, say) is user code, which may take a lock that
+    another item holds around its collective, or read its item's context.
     """
     fn = call.fn
-    if not (
-        fn is call_functional_op
-        or fn.__module__ == c10d.__name__
-        or fn in TORCH_ONLY_ENTRY_POINTS
+    if fn not in TORCH_ONLY_ENTRY_POINTS and not (
+        (fn is call_functional_op or fn.__module__ == c10d.__name__)
+        and _backends_are_torchs(_group_of(call))
     ):
         return False
     if user_code_may_run():
