@@ -31,7 +31,6 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fake_collectives import (
-    fake_torch_only_collective,
     IssueLog,
     issue_state,
     fake_collective,
@@ -173,23 +172,6 @@ def test_worker_at_the_turn_issues_and_hands_the_turn_to_the_next_waiting_call()
     assert not log.overlapped
 
 
-def test_the_turn_goes_from_worker_to_worker_without_the_coordinator():
-    # Each call arrives while nothing is pending at the turn's slot: its own
-    # worker takes the turn, issues, and leaves the turn open for the next.
-    log = IssueLog()
-    ran_on = {}
-
-    def item(i: int) -> None:
-        ran_on[i] = threading.current_thread()
-        for k in range(3):
-            time.sleep(0.05 if (i, k) == (0, 0) else 0.1)  # item 0 first, then by turns
-            fake_collective(log, (i, k))
-
-    parallel_map(item, range(2), max_workers=2)
-    assert [entry[1] for entry in log.entries] == reference_schedule([3, 3], 2).order
-    assert log.threads == [ran_on[i] for i, _ in reference_schedule([3, 3], 2).order]
-
-
 def test_the_turn_goes_to_the_waiting_calls_of_the_following_slots_in_order():
     # Items 1 to 3 post their calls before item 0 does: item 0's worker takes
     # the turn, and the turn goes from worker to worker, each issuing its own
@@ -216,36 +198,6 @@ def test_the_turn_goes_to_the_waiting_calls_of_the_following_slots_in_order():
     assert log.threads[:4] == [ran_on[i] for i, _ in expected[:4]]
     assert log.threads[4] is threading.main_thread()  # item 0's object collective
     assert log.issued_by_schedule()
-
-
-def test_a_failing_issue_on_a_worker_that_holds_the_turn_raises_in_its_own_item():
-    # Item 0's worker holds the turn: its own issue fails, then item 1's
-    # worker gets the turn, and its issue fails too. Each error reaches its
-    # own item only, and the turn goes on: item 2's call is still issued.
-    log = IssueLog()
-
-    def fail(i: int):
-        def raise_it() -> None:
-            raise ValueError(f"bad issue {i}")
-
-        return raise_it
-
-    def item(i: int) -> str:
-        if i == 0:
-            time.sleep(0.2)  # items 1 and 2 have posted their calls by now
-        try:
-            if i == 2:
-                fake_collective(log, i)
-            else:
-                fake_collective_doing(log, i, fail(i))
-        except ValueError as error:
-            return str(error)
-        return "issued"
-
-    assert parallel_map(item, range(3), max_workers=3) == [
-        "bad issue 0", "bad issue 1", "issued"
-    ]
-    assert [entry[1] for entry in log.entries] == [2]
 
 
 @pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs pthread_kill")
@@ -281,101 +233,6 @@ def test_ctrl_c_while_a_worker_holds_the_turn():
     assert time.monotonic() - start < 5
     assert outcomes == {0: "issued", 1: "issued", 2: "CollectiveCancelledError"}
     assert [entry[1] for entry in log.entries] == [0, 1]
-
-
-def test_the_holder_of_the_turn_issues_the_waiting_calls_that_run_only_torch():
-    # Items 1 to 3 post calls whose issue runs only torch's code before item
-    # 0 does: item 0's worker takes the turn and issues all of them, in the
-    # schedule's order, on its own thread; each item's worker still gets its
-    # own result. The object collective goes to the coordinator.
-    log = IssueLog(hold_s=0.001)
-    ran_on = {}
-    posted = threading.Barrier(3, timeout=10)
-
-    def item(i: int) -> tuple[int, ...]:
-        ran_on[i] = threading.current_thread()
-        if i == 0:
-            time.sleep(0.3)  # the others' calls are pending by now
-            fake_torch_only_collective(log, (i, 0), tensor=torch.zeros(1))
-            fake_object_collective(log, (i, 1))
-        else:
-            fake_torch_only_collective(log, (i, 0), tensor=torch.zeros(1))
-            posted.wait()
-            work = fake_torch_only_collective(log, (i, 1), async_op=True)
-            assert work is not None and work.entry == ("collective", (i, 1))
-        return (i,)
-
-    assert parallel_map(item, range(4), max_workers=4) == [(i,) for i in range(4)]
-    expected = reference_schedule([2, 2, 2, 2], 4).order
-    assert [entry[1] for entry in log.entries] == expected
-    assert log.threads[:4] == [ran_on[0]] * 4
-    assert log.threads[4] is threading.main_thread()  # item 0's object collective
-    assert log.issued_by_schedule()
-
-
-class _Subclass(torch.Tensor):
-    pass
-
-
-class _Abort(BaseException):
-    pass
-
-
-def test_a_served_issue_that_raises_a_base_exception_raises_it_in_its_own_item():
-    # Item 0's worker issues item 1's waiting call, whose issue raises
-    # something that is not an Exception. It belongs to item 1, as serially;
-    # item 0 goes on, and item 1's worker is not left waiting for a reply.
-    log = IssueLog()
-    ran_on = {}
-
-    def item(i: int) -> str:
-        ran_on[i] = threading.current_thread()
-        if i == 0:
-            time.sleep(0.2)  # item 1's call waits for its turn by now
-            fake_torch_only_collective(log, i)
-            return "ok"
-        try:
-            fake_torch_only_collective(log, i, raises=_Abort("issue failed"))
-        except _Abort as caught:
-            return f"caught {caught}"
-        return "not raised"
-
-    result: list[list[str]] = []
-    runner = threading.Thread(
-        target=lambda: result.append(parallel_map(item, range(2), max_workers=2)), daemon=True
-    )
-    runner.start()
-    runner.join(10)
-    assert not runner.is_alive(), "parallel_map hung"
-    assert result == [["ok", "caught issue failed"]]
-    assert log.threads == [ran_on[0]]
-
-
-@pytest.mark.parametrize("why", ["tensor subclass", "dispatch mode", "function mode"])
-def test_the_holder_of_the_turn_does_not_issue_calls_that_may_run_user_code(why):
-    # Item 1's call has a tensor subclass argument, or a mode is active: its
-    # issue may run user code, so item 0's worker hands it the turn instead of
-    # issuing it from inside item 0's own call.
-    log = IssueLog()
-    ran_on = {}
-
-    def item(i: int) -> None:
-        ran_on[i] = threading.current_thread()
-        if i == 0:
-            time.sleep(0.2)
-            fake_torch_only_collective(log, i, tensor=torch.zeros(1))
-            return
-        tensor = torch.zeros(1)
-        if why == "tensor subclass":
-            fake_torch_only_collective(log, i, tensor=[tensor.as_subclass(_Subclass)])
-        else:
-            mode = TorchDispatchMode() if why == "dispatch mode" else TorchFunctionMode()
-            with mode:
-                fake_torch_only_collective(log, i, tensor=tensor)
-
-    parallel_map(item, range(2), max_workers=2)
-    assert [entry[1] for entry in log.entries] == [0, 1]
-    assert log.threads == [ran_on[0], ran_on[1]]
 
 
 def test_a_call_is_issued_on_its_own_thread_not_inside_another_items_call():

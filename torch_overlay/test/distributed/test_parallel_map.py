@@ -1266,6 +1266,7 @@ class _PythonBackendGroup(dist.ProcessGroup):
         return self.NAME
 
 
+@instantiate_parametrized_tests
 class TurnTest(_OneRankTestCase):
     """Workers issue their calls themselves when they hold the turn."""
 
@@ -1304,19 +1305,14 @@ class TurnTest(_OneRankTestCase):
         # Another item's worker may issue a call only if the issue runs no
         # user code: torch's entry points on plain tensors, no mode or
         # saved-tensor hook active, a group of torch's own backends.
-        from torch.distributed.threading._calls import (
-            ASYNC_THEN_WAIT,
-            Call,
-            issue_runs_torch_only,
-        )
+        from torch.distributed.threading import _calls
         from torch.distributed.threading._thread_state import CallState
         from torch.utils._python_dispatch import TorchDispatchMode
 
         def runs_torch_only(fn, **kwargs):
             state = CallState.capture()
-            return issue_runs_torch_only(
-                Call(fn, kwargs, ASYNC_THEN_WAIT, 0, 0, None, state)
-            )
+            call = _calls.Call(fn, kwargs, _calls.ASYNC_THEN_WAIT, 0, 0, None, state)
+            return _calls.issue_runs_torch_only(call)
 
         class Subclass(torch.Tensor):
             pass
@@ -1331,8 +1327,8 @@ class TurnTest(_OneRankTestCase):
         self.assertFalse(
             runs_torch_only(dist.all_reduce, tensor=plain, group=python_group)
         )
-        # its groups are inside its ops
-        self.assertFalse(runs_torch_only(dist.batch_isend_irecv, p2p_op_list=[]))
+        with mock.patch.object(_calls, "_TORCH_BACKENDS", frozenset({"nccl"})):
+            self.assertFalse(runs_torch_only(dist.all_reduce, tensor=plain, group=None))
         with TorchDispatchMode():
             self.assertFalse(runs_torch_only(dist.all_reduce, tensor=plain, group=None))
         # A pack hook is user code that the issue may run.
@@ -1340,18 +1336,174 @@ class TurnTest(_OneRankTestCase):
             self.assertFalse(runs_torch_only(dist.all_reduce, tensor=plain, group=None))
 
     @requires_gloo()
-    def test_a_python_backend_runs_on_its_own_items_thread(self):
-        # A backend written in Python is user code on the issue path: here it
-        # takes a lock that item 0 holds around its own collective. Had item
-        # 0's worker issued item 1's waiting call from inside its own call, it
-        # would wait for itself forever; item 1's own worker issues it.
+    def test_the_turn_goes_from_worker_to_worker_without_the_coordinator(self):
+        # Each call arrives while nothing waits at the turn's slot: its own
+        # worker takes the turn, issues, and leaves the turn open for the next.
+        group = _PythonBackendGroup.new_group()
+        ran_on = {}
+
+        def item(i):
+            ran_on[i] = threading.current_thread()
+            for k in range(3):
+                time.sleep(0.05 if (i, k) == (0, 0) else 0.1)  # item 0, then by turns
+                dist.all_reduce(torch.full((1,), float(i)), group=group)
+
+        parallel_map(item, range(2), max_workers=2)
+        order = promised_order([3, 3], 2)
+        self.assertEqual(group.issued_on, [(i, ran_on[i]) for i, _ in order])
+
+    @requires_gloo()
+    def test_the_turn_goes_to_the_waiting_calls_of_the_following_slots_in_order(self):
+        # Items 1 to 3 call before item 0 does: item 0's worker takes the
+        # turn, and the turn goes from worker to worker, each issuing its own
+        # call (a Python backend's: not served) in the schedule's order.
+        group = _PythonBackendGroup.new_group()
+        ran_on = {}
+        posted = threading.Barrier(3, timeout=10)
+
+        def item(i):
+            ran_on[i] = threading.current_thread()
+            if i == 0:
+                time.sleep(0.3)  # the others' calls wait for their turn by now
+            dist.all_reduce(torch.full((1,), float(i)), group=group)
+            if i:
+                posted.wait()  # their second calls wait for their turn too
+            dist.all_reduce(torch.full((1,), float(i)), group=group)
+
+        parallel_map(item, range(4), max_workers=4)
+        order = promised_order([2, 2, 2, 2], 4)
+        self.assertEqual(group.issued_on[:4], [(i, ran_on[i]) for i, _ in order[:4]])
+        self.assertEqual([i for i, _ in group.issued_on], [i for i, _ in order])
+
+    @requires_gloo()
+    def test_a_python_backends_calls_are_not_coalesced(self):
+        # Coalesced, item 1's call would be issued together with item 0's,
+        # while item 0 holds the lock.
+        group, _ = self._lock_held_around_item_0s_call(coalesce_all_reduces=True)
+        self.assertEqual([i for i, _ in group.issued_on], [0, 1])
+
+    def _group_served_as_torchs(self):
+        """A ``_PythonBackendGroup`` whose calls the schedule treats as running
+        only torch's code, so that the thread it records is the one that
+        served them."""
+        from torch.distributed.threading import _calls
+
+        group = _PythonBackendGroup.new_group()
+        torchs = _calls.backends_are_torchs
+        patcher = mock.patch.object(
+            _calls, "backends_are_torchs", lambda g: g is group or torchs(g)
+        )
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        return group
+
+    @requires_gloo()
+    def test_the_holder_of_the_turn_issues_the_waiting_calls_that_run_only_torch(self):
+        # Items 1 to 3 call before item 0 does: item 0's worker takes the
+        # turn and issues all four calls in the schedule's order on its own
+        # thread; each item still gets its own result.
+        group = self._group_served_as_torchs()
+        ran_on = {}
+
+        def item(i):
+            ran_on[i] = threading.current_thread()
+            if i == 0:
+                time.sleep(0.3)  # the others' calls wait for their turn by now
+            t = torch.full((1,), float(i))
+            dist.all_reduce(t, group=group)
+            return t.item()
+
+        self.assertEqual(parallel_map(item, range(4), max_workers=4), [0, 1, 2, 3])
+        self.assertEqual([i for i, _ in group.issued_on], [0, 1, 2, 3])
+        self.assertEqual([t for _, t in group.issued_on], [ran_on[0]] * 4)
+
+    @parametrize("why", ["tensor subclass", "dispatch mode"])
+    @requires_gloo()
+    def test_the_holder_of_the_turn_does_not_issue_calls_that_may_run_user_code(
+        self, why
+    ):
+        # Item 1's call has a tensor subclass argument, or a dispatch mode is
+        # active: its issue may run user code, so item 0's worker hands it the
+        # turn instead of issuing it from inside item 0's own call. (A
+        # __torch_function__ mode has run by the time the call is handed over,
+        # and is not active inside it: such a call may be served.)
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Subclass(torch.Tensor):
+            pass
+
+        class DispatchMode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                return func(*args, **(kwargs or {}))
+
+        group = self._group_served_as_torchs()
+        ran_on = {}
+
+        def item(i):
+            ran_on[i] = threading.current_thread()
+            t = torch.full((1,), float(i))
+            if i == 0:
+                time.sleep(0.3)  # item 1's call waits for its turn by now
+                dist.all_reduce(t, group=group)
+            elif why == "tensor subclass":
+                dist.all_reduce(t.as_subclass(Subclass), group=group)
+            else:
+                with DispatchMode():
+                    dist.all_reduce(t, group=group)
+
+        parallel_map(item, range(2), max_workers=2)
+        self.assertEqual(group.issued_on, [(0, ran_on[0]), (1, ran_on[1])])
+
+    @requires_gloo()
+    def test_an_issue_that_raises_on_a_worker_raises_in_its_own_item(self):
+        # Item 0's worker holds the turn and serves item 1's and item 2's
+        # waiting calls. The issues of items 0 and 1 raise (item 1's something
+        # that is not an Exception): each reaches its own item only, as
+        # serially, and the turn goes on, so item 2's call is issued.
+        class Abort(BaseException):
+            pass
+
+        def fail(tensors):
+            if tensors[0][0] == 0:
+                raise ValueError("bad issue 0")
+            if tensors[0][0] == 1:
+                raise Abort("bad issue 1")
+
+        group = self._group_served_as_torchs()
+        group.on_issue = fail
+
+        def item(i):
+            if i == 0:
+                time.sleep(0.3)  # items 1 and 2 wait for their turn by now
+            try:
+                dist.all_reduce(torch.full((1,), float(i)), group=group)
+            except (ValueError, Abort) as error:
+                return str(error)
+            return "issued"
+
+        result = []
+        runner = threading.Thread(
+            target=lambda: result.append(parallel_map(item, range(3), max_workers=3)),
+            daemon=True,
+        )
+        runner.start()
+        runner.join(10)
+        self.assertFalse(runner.is_alive(), "parallel_map hung")
+        self.assertEqual(result, [["bad issue 0", "bad issue 1", "issued"]])
+        self.assertEqual([i for i, _ in group.issued_on], [2])
+
+    def _lock_held_around_item_0s_call(self, **options):
+        """Item 0 holds a lock around its all_reduce on a ``_PythonBackendGroup``,
+        whose issue of item 1's all_reduce takes that lock. Returns the group
+        and the thread that ran each item."""
         group = _PythonBackendGroup.new_group()
         lock = threading.Lock()
 
         def take_lock(tensors):
             if tensors[0][0] == 1:  # item 1's call
-                with lock:
-                    pass
+                if not lock.acquire(timeout=5):
+                    raise AssertionError("item 1's call was issued inside item 0's")
+                lock.release()
 
         group.on_issue = take_lock
         ran_on = {}
@@ -1366,17 +1518,17 @@ class TurnTest(_OneRankTestCase):
                 dist.all_reduce(torch.ones(1), group=group)
             return i
 
-        result = []
-        runner = threading.Thread(
-            target=lambda: result.append(parallel_map(item, range(2), max_workers=2)),
-            daemon=True,
-        )
-        runner.start()
-        runner.join(10)
-        self.assertFalse(runner.is_alive(), "parallel_map deadlocked")
-        self.assertEqual(result, [[0, 1]])
+        self.assertEqual(parallel_map(item, range(2), max_workers=2, **options), [0, 1])
+        return group, ran_on
+
+    @requires_gloo()
+    def test_a_python_backend_runs_on_its_own_items_thread(self):
+        # A process group written in Python is user code on the issue path.
+        # Had item 0's worker issued item 1's waiting call from inside its own
+        # call, that call would wait for a lock its own thread holds.
+        group, ran_on = self._lock_held_around_item_0s_call()
         self.assertEqual([i for i, _ in group.issued_on], [0, 1])
-        self.assertIsNot(group.issued_on[1][1], ran_on[0])
+        self.assertIn(group.issued_on[1][1], (ran_on[1], threading.main_thread()))
 
 
 class HangReportTest(_OneRankTestCase):

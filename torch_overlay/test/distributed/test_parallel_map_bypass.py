@@ -364,6 +364,7 @@ class OpHookTest(TestCase):
 
         plain, world = torch.zeros(1), dist.group.WORLD.group_name
         self.assertTrue(runs_torch_only(plain, "sum", world))
+        self.assertTrue(runs_torch_only(plain, "sum", dist.group.WORLD))
         self.assertFalse(runs_torch_only(plain, "sum", "no group of this name"))
         self.assertFalse(runs_torch_only(plain.as_subclass(Subclass), "sum", world))
 

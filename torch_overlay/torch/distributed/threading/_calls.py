@@ -176,6 +176,8 @@ def _group_of(call: Call) -> c10d.ProcessGroup | None:
         args, kwargs = call.kwargs["args"], call.kwargs["kwargs"]
         # every functional collective op takes the group's name last
         name = kwargs.get("group_name", args[-1] if args else None)
+        if isinstance(name, c10d.ProcessGroup):  # some callers pass the group
+            return name
         if not isinstance(name, str):
             return None
         try:
@@ -183,15 +185,19 @@ def _group_of(call: Call) -> c10d.ProcessGroup | None:
             return resolve(c10d.GroupName(name))
         except RuntimeError:  # no group of that name
             return None
-    if "group" not in call.kwargs:  # batch_isend_irecv: groups inside its ops
+    if "group" not in call.kwargs:  # an entry point without one: not known
         return None
     group = call.kwargs["group"]
     return c10d.GroupMember.WORLD if group is None else group
 
 
-def _backends_are_torchs(group: c10d.ProcessGroup | None) -> bool:
-    """Whether every backend of ``group`` is one of torch's own."""
-    config = None if group is None else c10d._world.pg_backend_config.get(group)
+def backends_are_torchs(group: c10d.ProcessGroup | None) -> bool:
+    """Whether ``group`` runs only torch's own code: torch's ``ProcessGroup``
+    (not a subclass written in Python, which ``Backend.register_backend``
+    also accepts) over backends that torch ships (by their registered names)."""
+    if type(group) is not c10d.ProcessGroup:
+        return False
+    config = c10d._world.pg_backend_config.get(group)
     return config is not None and all(
         entry.rpartition(":")[2] in _TORCH_BACKENDS for entry in config.split(",")
     )
@@ -208,15 +214,15 @@ def issue_runs_torch_only(call: Call) -> bool:
     (a mode, a tensor subclass, a pack hook) runs on its issue path that could
     need something held by the thread that issues it. CUDA tensors must be on
     the device of the call's stream, the only CUDA state that the issue takes
-    from its item. The call's group must have only torch's own backends: a
-    backend registered through :meth:`~torch.distributed.Backend.register_backend`
-    (one written in Python, say) is user code, which may take a lock that
-    another item holds around its collective, or read its item's context.
+    from its item. The call's group must run only torch's code
+    (:func:`backends_are_torchs`): a process group written in Python is user
+    code, which may take a lock that another item holds around its
+    collective, or read its item's context.
     """
     fn = call.fn
     if fn not in TORCH_ONLY_ENTRY_POINTS and not (
         (fn is call_functional_op or fn.__module__ == c10d.__name__)
-        and _backends_are_torchs(_group_of(call))
+        and backends_are_torchs(_group_of(call))
     ):
         return False
     if user_code_may_run():

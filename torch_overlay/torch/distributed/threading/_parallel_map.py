@@ -189,9 +189,10 @@ def parallel_map(
         coalesce_all_reduces: Issue the synchronous ``all_reduce`` calls of
             small tensors that the schedule meets in one visit of the slots
             as one ``all_reduce`` of their concatenation, where they agree
-            on group, op, dtype, device and stream (docs: "Coalescing small
-            all_reduces"). Fewer collectives, at the cost of a held call
-            waiting for up to one visit of the other slots.
+            on group (one that runs only torch's code), op, dtype, device
+            and stream (docs: "Coalescing small all_reduces"). Fewer
+            collectives, at the cost of a held call waiting for up to one
+            visit of the other slots.
 
     Returns:
         ``fn``'s results, in the order of the items.
