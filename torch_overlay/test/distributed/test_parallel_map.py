@@ -8,6 +8,7 @@ the same (item, call, op) sequence.
 """
 
 import contextlib
+import contextvars
 import datetime
 import functools
 import importlib
@@ -1529,6 +1530,39 @@ class TurnTest(_OneRankTestCase):
         group, ran_on = self._lock_held_around_item_0s_call()
         self.assertEqual([i for i, _ in group.issued_on], [0, 1])
         self.assertIn(group.issued_on[1][1], (ran_on[1], threading.main_thread()))
+
+    @requires_gloo()
+    def test_user_code_in_an_issue_runs_in_its_items_context(self):
+        # Item 0's object collective keeps the turn with the coordinator while
+        # the other items' calls wait, so the coordinator issues them too. The
+        # code of a process group written in Python reads and sets its item's
+        # contextvars there, as in the loop; nothing reaches the caller's.
+        group = _PythonBackendGroup.new_group()
+        read = contextvars.ContextVar("read")
+        written = contextvars.ContextVar("written")
+        observed = []
+
+        def on_issue(tensors):
+            i = int(tensors[0][0])
+            observed.append((i, read.get(None)))
+            written.set(i * 10)
+
+        group.on_issue = on_issue
+
+        def item(i):
+            read.set(i)
+            if i == 0:
+                time.sleep(0.3)  # the others' calls wait for their turn by now
+                dist.all_gather_object([None], i)
+            dist.all_reduce(torch.full((1,), float(i)), group=group)
+            return written.get(None)
+
+        for _ in range(2):  # each call starts from the caller's context
+            observed.clear()
+            results = parallel_map(item, range(4), max_workers=4)
+            self.assertEqual(results, [0, 10, 20, 30])
+            self.assertEqual(sorted(observed), [(i, i) for i in range(4)])
+        self.assertIsNone(written.get(None))
 
 
 class HangReportTest(_OneRankTestCase):

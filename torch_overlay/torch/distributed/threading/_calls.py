@@ -246,7 +246,8 @@ class Call:
     # The item's thread-local state and sequence number at the call.
     state: CallState | None = None
     # A copy of the item's context, for a call that runs user code elsewhere
-    # (a ``coordinated`` function), whose changes go back to the item.
+    # (a ``coordinated`` function, a collective whose issue may run user
+    # code), whose changes go back to the item.
     context: contextvars.Context | None = None
     # Set by ``issue``: the item's next autograd sequence number after it,
     # and, for a call with a context, the item's state after it.

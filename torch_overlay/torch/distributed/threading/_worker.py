@@ -208,10 +208,13 @@ class Worker:
             if posted is Posted.NEEDS_STATE:  # it waits: another thread may issue it
                 call.state = CallState.capture()
                 if call_route is Route.OWN_WORKER:
+                    torch_only = issue_runs_torch_only(call)
+                    if not torch_only and call.context is None:
+                        # Should the coordinator issue it, its user code runs
+                        # in the item's context, and what it sets comes back.
+                        call.context = contextvars.copy_context()
                     call_route = route(
-                        only_enqueues=True,
-                        coalesced=False,
-                        runs_torch_only=issue_runs_torch_only(call),
+                        only_enqueues=True, coalesced=False, runs_torch_only=torch_only
                     )
                 posted = self._turn.post(box, call, call_route)
             if posted is Posted.CANCELLED:
