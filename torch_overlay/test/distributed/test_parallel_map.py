@@ -1535,12 +1535,18 @@ class TurnTest(_OneRankTestCase):
     def test_user_code_in_an_issue_runs_in_its_items_context(self):
         # Item 0's object collective keeps the turn with the coordinator while
         # the other items' calls wait, so the coordinator issues them too. The
-        # code of a process group written in Python reads and sets its item's
-        # contextvars there, as in the loop; nothing reaches the caller's.
+        # code of a process group written in Python, and the pickling of an
+        # object collective, read and set their item's contextvars there, as
+        # in the loop; nothing reaches the caller's.
         group = _PythonBackendGroup.new_group()
         read = contextvars.ContextVar("read")
         written = contextvars.ContextVar("written")
-        observed = []
+        observed, pickled = [], []
+
+        class Pickled:
+            def __reduce__(self):
+                pickled.append(read.get(None))
+                return (int, (0,))
 
         def on_issue(tensors):
             i = int(tensors[0][0])
@@ -1553,15 +1559,17 @@ class TurnTest(_OneRankTestCase):
             read.set(i)
             if i == 0:
                 time.sleep(0.3)  # the others' calls wait for their turn by now
-                dist.all_gather_object([None], i)
+                dist.all_gather_object([None], Pickled())
             dist.all_reduce(torch.full((1,), float(i)), group=group)
             return written.get(None)
 
         for _ in range(2):  # each call starts from the caller's context
             observed.clear()
+            pickled.clear()
             results = parallel_map(item, range(4), max_workers=4)
             self.assertEqual(results, [0, 10, 20, 30])
             self.assertEqual(sorted(observed), [(i, i) for i in range(4)])
+            self.assertEqual(pickled, [0])
         self.assertIsNone(written.get(None))
 
 

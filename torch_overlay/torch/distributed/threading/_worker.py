@@ -104,6 +104,14 @@ def worker_hook(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
 _UNSET = object()
 
 
+def _with_items_context(call: Call) -> None:
+    """For a call the coordinator may issue whose issue may run user code (a
+    mode, a tensor subclass, a group written in Python, pickling): a copy of
+    the item's context to run in, whose changes come back (``_take_back``)."""
+    if call.context is None:
+        call.context = contextvars.copy_context()
+
+
 def _take_back(call: Call) -> None:
     """After another thread issued ``call`` for this item: go on from the
     sequence number, state and context changes that the issue left."""
@@ -208,14 +216,13 @@ class Worker:
             if posted is Posted.NEEDS_STATE:  # it waits: another thread may issue it
                 call.state = CallState.capture()
                 if call_route is Route.OWN_WORKER:
-                    torch_only = issue_runs_torch_only(call)
-                    if not torch_only and call.context is None:
-                        # Should the coordinator issue it, its user code runs
-                        # in the item's context, and what it sets comes back.
-                        call.context = contextvars.copy_context()
                     call_route = route(
-                        only_enqueues=True, coalesced=False, runs_torch_only=torch_only
+                        only_enqueues=True,
+                        coalesced=False,
+                        runs_torch_only=issue_runs_torch_only(call),
                     )
+                if call_route is not Route.ANY_HOLDER and not coalesced:
+                    _with_items_context(call)
                 posted = self._turn.post(box, call, call_route)
             if posted is Posted.CANCELLED:
                 raise _cancelled(box)
@@ -254,6 +261,7 @@ class Worker:
         if not self._issuer.clear_to_issue():
             # The coordinator gets the call, and raises what the detector saw.
             call.state = call.state or CallState.capture()
+            _with_items_context(call)
             self._turn.hand_back(box, call)
             return self._outcome(box, call, self._wait(call, box))
         self.waiting_for_issue = False
