@@ -1328,8 +1328,13 @@ class TurnTest(_OneRankTestCase):
         self.assertFalse(
             runs_torch_only(dist.all_reduce, tensor=plain, group=python_group)
         )
+        # gloo named as a backend torch does not ship (answers are cached per config)
+        self.addCleanup(_calls._names_torchs_backends.cache_clear)
         with mock.patch.object(_calls, "_TORCH_BACKENDS", frozenset({"nccl"})):
+            _calls._names_torchs_backends.cache_clear()
             self.assertFalse(runs_torch_only(dist.all_reduce, tensor=plain, group=None))
+        _calls._names_torchs_backends.cache_clear()
+        self.assertTrue(runs_torch_only(dist.all_reduce, tensor=plain, group=None))
         with TorchDispatchMode():
             self.assertFalse(runs_torch_only(dist.all_reduce, tensor=plain, group=None))
         # A pack hook is user code that the issue may run.

@@ -170,7 +170,7 @@ TORCH_ONLY_ENTRY_POINTS: set[Callable[..., Any]] = set()
 _TORCH_BACKENDS = frozenset({"gloo", "nccl", "ucc", "mpi", "xccl", "fake"})
 
 
-def _group_of(call: Call) -> c10d.ProcessGroup | None:
+def group_of(call: Call) -> c10d.ProcessGroup | None:
     """The process group ``call`` runs on; None when that is not known."""
     if call.fn is call_functional_op:
         args, kwargs = call.kwargs["args"], call.kwargs["kwargs"]
@@ -198,7 +198,13 @@ def backends_are_torchs(group: c10d.ProcessGroup | None) -> bool:
     if type(group) is not c10d.ProcessGroup:
         return False
     config = c10d._world.pg_backend_config.get(group)
-    return config is not None and all(
+    return config is not None and _names_torchs_backends(config)
+
+
+@functools.cache  # asked per waiting call; a process has few configs
+def _names_torchs_backends(config: str) -> bool:
+    """Whether a backend config (``"cpu:gloo,cuda:nccl"``) names only torch's backends."""
+    return all(
         entry.rpartition(":")[2] in _TORCH_BACKENDS for entry in config.split(",")
     )
 
@@ -222,7 +228,7 @@ def issue_runs_torch_only(call: Call) -> bool:
     fn = call.fn
     if fn not in TORCH_ONLY_ENTRY_POINTS and not (
         (fn is call_functional_op or fn.__module__ == c10d.__name__)
-        and backends_are_torchs(_group_of(call))
+        and backends_are_torchs(group_of(call))
     ):
         return False
     if user_code_may_run():

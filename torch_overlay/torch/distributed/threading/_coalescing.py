@@ -21,7 +21,7 @@ import torch
 import torch.distributed.distributed_c10d as c10d
 from torch.distributed.distributed_c10d import ReduceOp
 
-from ._calls import ASYNC_THEN_WAIT, backends_are_torchs
+from ._calls import ASYNC_THEN_WAIT, backends_are_torchs, group_of
 from ._thread_state import Issuing
 
 
@@ -43,10 +43,9 @@ def coalescing_key(call: Call) -> tuple[Any, ...] | None:
     """What must agree for calls to share a collective; None if ``call`` cannot."""
     if call.fn is not c10d.all_reduce or call.plan is not ASYNC_THEN_WAIT:
         return None
-    group = call.kwargs["group"]
     # A group written in Python, issuing for several items at once, could
     # need what one of them holds (and may lack the coalesced forms).
-    if not backends_are_torchs(c10d.GroupMember.WORLD if group is None else group):
+    if not backends_are_torchs(group_of(call)):
         return None
     tensor = call.kwargs["tensor"]
     # Anything c10d might refuse, or that a copy back could treat differently
@@ -73,7 +72,7 @@ def coalescing_key(call: Call) -> tuple[Any, ...] | None:
     modes: tuple[int, ...] = ()
     if call.state is not None:
         modes = tuple(map(id, call.state.modes))
-    return (group, op, tensor.dtype, tensor.device, stream, modes)
+    return (call.kwargs["group"], op, tensor.dtype, tensor.device, stream, modes)
 
 
 def issue_coalesced(calls: list[Call]) -> list[Any]:
