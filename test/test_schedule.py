@@ -200,41 +200,6 @@ def test_the_turn_goes_to_the_waiting_calls_of_the_following_slots_in_order():
     assert log.issued_by_schedule()
 
 
-@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs pthread_kill")
-def test_ctrl_c_while_a_worker_holds_the_turn():
-    # Item 0's worker hands the turn to item 1's, whose call sends Ctrl-C to
-    # the coordinator while it is being issued. Item 1's call was issued,
-    # item 2 gets CollectiveCancelledError, and the turn goes to nobody after that.
-    log = IssueLog()
-    outcomes: dict[int, str] = {}
-    main = threading.main_thread().ident
-
-    def interrupt() -> None:
-        signal.pthread_kill(main, signal.SIGINT)
-        time.sleep(0.3)  # the coordinator stops the items meanwhile
-
-    def item(i: int) -> None:
-        try:
-            if i == 0:
-                time.sleep(0.2)  # items 1 and 2 have posted their calls by now
-                fake_collective(log, i)
-            elif i == 1:
-                fake_collective_doing(log, i, interrupt)
-            else:
-                fake_collective(log, i)
-        except RuntimeError as error:
-            outcomes[i] = type(error).__name__
-            raise
-        outcomes[i] = "issued"
-
-    start = time.monotonic()
-    with ctrl_c_raises(), pytest.raises(KeyboardInterrupt):
-        parallel_map(item, range(3), max_workers=3)
-    assert time.monotonic() - start < 5
-    assert outcomes == {0: "issued", 1: "issued", 2: "CollectiveCancelledError"}
-    assert [entry[1] for entry in log.entries] == [0, 1]
-
-
 def test_a_call_is_issued_on_its_own_thread_not_inside_another_items_call():
     # Item 0 holds a lock around its collective; item 1's call waits for its
     # turn, and its issue takes the same lock (as a mode or a tensor subclass
@@ -602,56 +567,6 @@ def test_item_runs_before_the_next_is_pulled():
     assert parallel_map(feed, iter(work.get, None), max_workers=3) == [0, 10, 20, 30, 40, 50]
 
 
-def test_base_exception_from_the_iterable_is_raised():
-    class Cancelled(BaseException):
-        pass
-
-    def items():
-        yield from range(6)
-        raise Cancelled("stop the loop")
-
-    with pytest.raises(Cancelled, match="stop the loop"):
-        parallel_map(lambda x: x, items(), max_workers=2)
-    # No dead thread went back to the pool: later calls run normally.
-    for _ in range(3):
-        assert parallel_map(lambda x: x + 1, range(6), max_workers=2) == list(range(1, 7))
-    assert all(t.is_alive() for t in worker_threads())
-
-
-def _refused_from_another_thread(items: object, **kwargs: object) -> list[str]:
-    inside = threading.Event()
-    release = threading.Event()
-    log = IssueLog()
-    errors = []
-
-    def slow(i: int) -> int:
-        inside.set()
-        release.wait(timeout=10)
-        return i
-
-    def other_thread():
-        inside.wait(timeout=10)
-        try:
-            parallel_map(lambda i: fake_collective(log, i), items, **kwargs)
-        except RuntimeError as e:
-            errors.append(str(e))
-        finally:
-            release.set()
-
-    t = threading.Thread(target=other_thread)
-    t.start()
-    assert parallel_map(slow, range(2), max_workers=2) == [0, 1]
-    t.join()
-    assert log.entries == []  # nothing of the refused call was issued
-    return errors
-
-
-def test_one_worker_or_one_item_from_another_thread_is_refused():
-    for items, max_workers in ((range(3), 1), ([5], 4)):
-        errors = _refused_from_another_thread(items, max_workers=max_workers)
-        assert len(errors) == 1 and "already running on another thread" in errors[0], items
-
-
 def test_parallel_map_inside_a_coordinated_function():
     log = IssueLog()
 
@@ -781,24 +696,6 @@ def test_collectives_are_issued_under_the_items_modes():
     assert issue_state() == (True, False, (), ())  # the caller's stacks are restored
 
 
-def test_autocast_off_is_enforced_on_reused_threads():
-    both_running = threading.Barrier(2, timeout=10)
-
-    def leave_autocast_on(i: int) -> int:
-        both_running.wait()  # one item on each thread
-        torch.set_autocast_enabled("cpu", True)  # a careless item: never turned off
-        return i
-
-    def matmul_dtype(i: int) -> torch.dtype:
-        return (torch.ones(4, 4) @ torch.ones(4, 4)).dtype
-
-    assert parallel_map(leave_autocast_on, range(2), max_workers=2) == [0, 1]
-    # The same threads serve this call; the caller has autocast off.
-    assert parallel_map(matmul_dtype, range(4), max_workers=2) == [torch.float32] * 4
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert parallel_map(matmul_dtype, range(4), max_workers=2) == [torch.bfloat16] * 4
-
-
 def test_coordinated_in_a_nested_call_reaches_the_outermost_schedule():
     def one_run(seed: int) -> list[tuple[int, int]]:
         rng = random.Random(seed)
@@ -925,27 +822,6 @@ def test_recv_returns_the_senders_global_rank(world_of_one, monkeypatch):
         return dist.recv(torch.zeros(1), **calls[i])
 
     assert parallel_map(item, range(4), max_workers=2) == [5, 12, 13, -1]
-
-
-def test_no_turn_is_passed_while_calls_are_held(world_of_one):
-    # The coordinator holds item 0's all_reduce to coalesce it; item 1's later
-    # call must not be issued by its worker at its turn, ahead of the held
-    # one: the coordinator issues both, the held one first.
-    import torch.distributed as dist
-
-    log = IssueLog()
-    reduced = torch.ones(2)
-
-    def item(i: int) -> None:
-        if i == 0:
-            dist.all_reduce(reduced)
-        else:
-            time.sleep(0.2)  # the coordinator waits on this slot, holding item 0's call
-            fake_collective(log, i)
-
-    parallel_map(item, range(2), max_workers=2, coalesce_all_reduces=True)
-    assert log.threads == [threading.main_thread()]
-    assert torch.equal(reduced, torch.ones(2))
 
 
 def test_hang_report_explains_items_that_wait_for_each_other(caplog):

@@ -789,8 +789,13 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
             )
         self._assert_clean()
 
+    @parametrize(
+        "other_items, other_max_workers", [(range(4), 2), (range(3), 1), ([5], 4)]
+    )
     @requires_gloo()
-    def test_refused_call_does_not_disturb_the_running_one(self):
+    def test_refused_call_does_not_disturb_the_running_one(
+        self, other_items, other_max_workers
+    ):
         # Both calls check the schedule (as TORCH_DISTRIBUTED_DEBUG=DETAIL
         # would have them), and only rank 0 makes the second call: its
         # exchange with the other ranks must not happen, or it would pair
@@ -809,10 +814,11 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         def other_thread():
             inside.wait(timeout=30)
             try:
+                # also with one worker or one item, which need no thread
                 parallel_map(
                     lambda i: _all_reduce_value(i, r),
-                    range(4),
-                    max_workers=2,
+                    other_items,
+                    max_workers=other_max_workers,
                     check_schedule=True,
                 )
             except RuntimeError as e:
@@ -1177,6 +1183,41 @@ class CtrlCTest(_OneRankTestCase):
         self._assert_the_next_call_works()
 
     @requires_gloo()
+    def test_ctrl_c_while_a_worker_holds_the_turn(self):
+        # Items 1 and 2 call first; item 0's call then lets workers issue them
+        # in turn. Ctrl-C comes while item 1's call is being issued: that
+        # call completes, item 2's is cancelled, nothing is issued after it.
+        group = _PythonBackendGroup.new_group()
+        main = threading.main_thread().ident
+        item_2_cancelled, stopped_during_the_issue = threading.Event(), []
+
+        def interrupt(tensors):
+            if int(tensors[0][0]) == 1:
+                signal.pthread_kill(main, signal.SIGINT)
+                stopped_during_the_issue.append(item_2_cancelled.wait(10))
+
+        group.on_issue = interrupt
+
+        def item(i):
+            if i == 0:
+                time.sleep(0.2)  # items 1 and 2 have posted their calls by now
+            try:
+                dist.all_reduce(torch.full((1,), float(i)), group=group)
+            except RuntimeError as error:
+                self.cancelled.append(type(error).__name__)
+                if i == 2:
+                    item_2_cancelled.set()
+                raise
+            return i
+
+        with self.assertRaises(KeyboardInterrupt):
+            parallel_map(item, range(3), max_workers=3)
+        self.assertEqual(stopped_during_the_issue, [True])
+        self.assertEqual([i for i, _ in group.issued_on], [0, 1])
+        self.assertEqual(self.cancelled, ["CollectiveCancelledError"])
+        self._assert_the_next_call_works()
+
+    @requires_gloo()
     def test_a_second_ctrl_c_while_stopping_still_cancels_every_call(self):
         # The second Ctrl-C lands while the coordinator cancels the waiting
         # calls, inside the turn's locked section: it must be raised only once
@@ -1387,6 +1428,45 @@ class TurnTest(_OneRankTestCase):
         # while item 0 holds the lock.
         group, _ = self._lock_held_around_item_0s_call(coalesce_all_reduces=True)
         self.assertEqual([i for i, _ in group.issued_on], [0, 1])
+
+    @requires_gloo()
+    def test_no_worker_takes_the_turn_while_calls_are_held_to_coalesce(self):
+        # The coordinator holds item 0's all_reduce back to coalesce it. Item
+        # 1's call comes next in the schedule: its worker must not issue it
+        # at its turn, ahead of the held one (another rank may pair them the
+        # other way round).
+        group = _PythonBackendGroup.new_group()
+        world = dist.group.WORLD
+        before = world._get_sequence_number_for_group()
+
+        def check_the_held_call_went_first(tensors):
+            if world._get_sequence_number_for_group() != before + 1:
+                raise AssertionError("issued before the held all_reduce")
+
+        group.on_issue = check_the_held_call_went_first
+        held = torch.ones(2)
+
+        def item(i):
+            if i == 0:
+                dist.all_reduce(held)
+            else:
+                time.sleep(0.2)  # the coordinator holds item 0's call meanwhile
+                dist.all_reduce(torch.ones(1), group=group)
+
+        # Run where a wrong order (a deadlock: nothing issues the held call)
+        # fails the test instead of hanging it.
+        outcome = []
+        runner = threading.Thread(
+            target=lambda: outcome.append(
+                parallel_map(item, range(2), max_workers=2, coalesce_all_reduces=True)
+            ),
+            daemon=True,
+        )
+        runner.start()
+        runner.join(60)
+        self.assertEqual(outcome, [[None, None]], "a worker took the turn")
+        self.assertEqual([i for i, _ in group.issued_on], [1])
+        self.assertEqual(held, torch.ones(2))
 
     def _group_served_as_torchs(self):
         """A ``_PythonBackendGroup`` whose calls the schedule treats as running
@@ -1680,6 +1760,29 @@ class WorkerPoolTest(TestCase):
         ):
             parallel_map(str, range(3), max_workers=3)
         self.assertEqual(self._workers(), set())  # ended before the raise
+
+    def test_a_base_exception_from_the_iterable_leaves_the_pool_usable(self):
+        # The iterable's BaseException is raised by the call, and no thread
+        # that it ended goes back to the pool, where the next call would
+        # wait on it for good.
+        class Stop(BaseException):
+            pass
+
+        def items():
+            yield from range(6)
+            raise Stop("stop the loop")
+
+        with mock.patch.object(_pool, "IDLE_TIMEOUT_S", 60.0):  # threads stay
+            with self.assertRaisesRegex(Stop, "stop the loop"):
+                parallel_map(str, items(), max_workers=2)
+            _assert_no_busy_worker(self)
+            for _ in range(3):
+                self.assertEqual(
+                    parallel_map(str, range(6), max_workers=2), list("012345")
+                )
+        with mock.patch.object(_pool, "IDLE_TIMEOUT_S", 0.05):  # for later tests
+            parallel_map(str, range(2), max_workers=2)
+            self._wait_until_no_workers()
 
     def test_no_worker_thread_is_left_for_interpreter_finalization(self):
         # A daemon thread that wakes during finalization is ended with

@@ -349,6 +349,52 @@ class ParallelMapAutogradOneRankTest(_AutogradTestBase):
             self.assertEqual(differing, {}, f"item {index}: (caller, item)")
 
     @requires_gloo()
+    def test_state_an_item_leaves_on_its_thread_does_not_reach_the_next_call(self):
+        # Worker threads serve later calls (the pool). What an item leaves
+        # switched on must not reach the items that its thread runs next:
+        # they run under their own caller's state.
+        from unittest import mock
+
+        from torch.distributed.threading import _pool
+
+        self._init()
+        both_running = threading.Barrier(2, timeout=10)
+        careless_threads = set()
+
+        class FunctionMode(torch.overrides.TorchFunctionMode):
+            pass
+
+        def careless(i):
+            both_running.wait()  # one item on each thread
+            careless_threads.add(threading.current_thread())
+            torch.set_autocast_enabled("cpu", True)
+            torch.set_grad_enabled(False)
+            FunctionMode().__enter__()  # never left
+            return i
+
+        def item(_):
+            return threading.current_thread(), _thread_state_snapshot()
+
+        def next_call():
+            caller = _thread_state_snapshot()
+            items = parallel_map(item, range(4), max_workers=2)
+            self.assertLessEqual({thread for thread, _ in items}, careless_threads)
+            for index, (_, seen) in enumerate(items):
+                differing = {
+                    k: (caller[k], seen.get(k))
+                    for k in caller
+                    if seen.get(k) != caller[k]
+                }
+                self.assertEqual(differing, {}, f"item {index}: (caller, item)")
+
+        with mock.patch.object(_pool, "IDLE_TIMEOUT_S", 60.0):  # threads stay
+            parallel_map(careless, range(2), max_workers=2)
+            next_call()
+            parallel_map(careless, range(2), max_workers=2)
+            with torch.autocast("cpu", dtype=torch.float16), torch.no_grad():
+                next_call()
+
+    @requires_gloo()
     def test_saved_tensor_hooks_pack_in_items_as_in_the_loop(self):
         self._init()
         packed = []
