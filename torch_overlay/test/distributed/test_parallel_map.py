@@ -790,7 +790,9 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         self._assert_clean()
 
     @parametrize(
-        "other_items, other_max_workers", [(range(4), 2), (range(3), 1), ([5], 4)]
+        "other_items, other_max_workers",
+        [(range(4), 2), (range(3), 1), ([5], 4)],
+        name_fn=lambda items, max_workers: f"{len(items)}_items_{max_workers}_workers",
     )
     @requires_gloo()
     def test_refused_call_does_not_disturb_the_running_one(
@@ -1198,9 +1200,14 @@ class CtrlCTest(_OneRankTestCase):
 
         group.on_issue = interrupt
 
+        # Every item started (a Ctrl-C stops only started items; one not yet
+        # started never runs), then items 1 and 2 call first.
+        all_started = threading.Barrier(3, timeout=10)
+
         def item(i):
+            all_started.wait()
             if i == 0:
-                time.sleep(0.2)  # items 1 and 2 have posted their calls by now
+                time.sleep(0.2)
             try:
                 dist.all_reduce(torch.full((1,), float(i)), group=group)
             except RuntimeError as error:
@@ -1456,15 +1463,24 @@ class TurnTest(_OneRankTestCase):
         # Run where a wrong order (a deadlock: nothing issues the held call)
         # fails the test instead of hanging it.
         outcome = []
-        runner = threading.Thread(
-            target=lambda: outcome.append(
-                parallel_map(item, range(2), max_workers=2, coalesce_all_reduces=True)
-            ),
-            daemon=True,
-        )
+
+        def run():
+            try:
+                outcome.append(
+                    parallel_map(
+                        item, range(2), max_workers=2, coalesce_all_reduces=True
+                    )
+                )
+            except BaseException as error:  # reported below
+                outcome.append(error)
+
+        runner = threading.Thread(target=run, daemon=True)
         runner.start()
         runner.join(60)
-        self.assertEqual(outcome, [[None, None]], "a worker took the turn")
+        self.assertTrue(outcome, "deadlocked: a worker took the turn")
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        self.assertEqual(outcome, [[None, None]])
         self.assertEqual([i for i, _ in group.issued_on], [1])
         self.assertEqual(held, torch.ones(2))
 
@@ -1772,6 +1788,12 @@ class WorkerPoolTest(TestCase):
             yield from range(6)
             raise Stop("stop the loop")
 
+        def drain():  # for the later tests, which wait for no workers
+            with mock.patch.object(_pool, "IDLE_TIMEOUT_S", 0.05):
+                parallel_map(str, range(2), max_workers=2)
+                self._wait_until_no_workers()
+
+        self.addCleanup(drain)
         with mock.patch.object(_pool, "IDLE_TIMEOUT_S", 60.0):  # threads stay
             with self.assertRaisesRegex(Stop, "stop the loop"):
                 parallel_map(str, items(), max_workers=2)
@@ -1780,9 +1802,6 @@ class WorkerPoolTest(TestCase):
                 self.assertEqual(
                     parallel_map(str, range(6), max_workers=2), list("012345")
                 )
-        with mock.patch.object(_pool, "IDLE_TIMEOUT_S", 0.05):  # for later tests
-            parallel_map(str, range(2), max_workers=2)
-            self._wait_until_no_workers()
 
     def test_no_worker_thread_is_left_for_interpreter_finalization(self):
         # A daemon thread that wakes during finalization is ended with
