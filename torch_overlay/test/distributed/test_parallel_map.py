@@ -13,7 +13,6 @@ import datetime
 import functools
 import importlib
 import itertools
-import logging
 import os
 import pkgutil
 import random
@@ -48,41 +47,29 @@ from torch.testing._internal.common_utils import (
 from test_parallel_map_schedule import promised_order
 
 
-class _IssueRecorder(logging.Handler):
-    """Collects (item, call, op) of every collective the schedule this thread
-    coordinates issues (on this thread, or on a worker holding the turn).
-
-    Nested parallel_map calls log for their own coordinating threads, which
-    hand their collectives to this one: only this schedule's record is what
-    the process group sees.
-    """
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.issued = []
-        self._thread = threading.get_ident()
-
-    def emit(self, record):
-        coordinator = getattr(record, "coordinator", None)
-        if coordinator == self._thread and record.msg.startswith("issue #"):
-            _, item, call, op = record.args
-            self.issued.append((item, call, op))
-
-
 @contextlib.contextmanager
 def _recording_schedule():
-    logger = logging.getLogger("torch.distributed.threading._turn")
-    recorder = _IssueRecorder()
-    old_level, old_propagate = logger.level, logger.propagate
-    logger.addHandler(recorder)
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False  # record, without printing every issue
-    try:
-        yield recorder.issued
-    finally:
-        logger.removeHandler(recorder)
-        logger.setLevel(old_level)
-        logger.propagate = old_propagate
+    """Records (item, call, op) of every collective the schedule this thread
+    coordinates issues, in the order the turn numbers the issues (under its
+    lock, as each is issued).
+
+    A nested call's coordinating thread hands its collectives to this one,
+    which numbers them again: only this schedule's record is what the process
+    group sees.
+    """
+    from torch.distributed.threading import _turn
+
+    issued = []
+    coordinator = threading.get_ident()
+    count = _turn.Turn._count
+
+    def record(turn, call):
+        if turn._coordinator == coordinator:
+            issued.append((call.item, call.seq, call.name))
+        count(turn, call)
+
+    with mock.patch.object(_turn.Turn, "_count", record):
+        yield issued
 
 
 def _assert_no_busy_worker(test):
@@ -1321,29 +1308,23 @@ class TurnTest(_OneRankTestCase):
 
     @requires_gloo()
     def test_workers_issue_calls_at_the_turn(self):
-        # The turn's debug log numbers each issue on the thread that issues it.
+        # The turn numbers each issue on the thread that issues it.
+        from torch.distributed.threading import _turn
+
         issuers = []
+        count = _turn.Turn._count
 
-        class Issuers(logging.Handler):
-            def emit(self, record):
-                if record.msg.startswith("issue #"):
-                    issuers.append(record.threadName)
+        def record(turn, call):
+            issuers.append(threading.current_thread().name)
+            count(turn, call)
 
-        logger = logging.getLogger("torch.distributed.threading._turn")
-        handler, old_level = Issuers(logging.DEBUG), logger.level
-        logger.addHandler(handler)
-        logger.setLevel(logging.DEBUG)
-        try:
+        def item(i):
+            for _ in range(20):
+                dist.all_reduce(torch.ones(1))
+            return i
 
-            def item(i):
-                for _ in range(20):
-                    dist.all_reduce(torch.ones(1))
-                return i
-
+        with mock.patch.object(_turn.Turn, "_count", record):
             self.assertEqual(parallel_map(item, range(4), max_workers=2), [0, 1, 2, 3])
-        finally:
-            logger.removeHandler(handler)
-            logger.setLevel(old_level)
         self.assertEqual(len(issuers), 80)
         workers = [name for name in issuers if name.startswith("parallel_map")]
         # The coordinating thread sleeps while the items post at the open turn.
