@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextvars
 import inspect
-import itertools
 import logging
 import queue
 import random
@@ -25,7 +24,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from torch.distributed.distributed_c10d import _collective_hook
-from torch.distributed.threading import _item_rng, _pool, coordinated, item_generator, parallel_map
+from torch.distributed.threading import _pool, coordinated, parallel_map
 
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -696,37 +695,6 @@ def test_collectives_are_issued_under_the_items_modes():
     assert issue_state() == (True, False, (), ())  # the caller's stacks are restored
 
 
-def test_coordinated_in_a_nested_call_reaches_the_outermost_schedule():
-    def one_run(seed: int) -> list[tuple[int, int]]:
-        rng = random.Random(seed)
-        delays = {(i, j): rng.choice([0.0, 0.002]) for i in range(3) for j in range(4)}
-        order = []
-        running = []
-
-        @coordinated
-        def record(i: int, j: int) -> None:
-            running.append(1)
-            assert len(running) == 1, "coordinated calls overlapped"
-            order.append((i, j, threading.current_thread()))
-            time.sleep(0.001)
-            running.pop()
-
-        def inner(i: int, j: int) -> int:
-            time.sleep(delays[(i, j)])
-            record(i, j)
-            return j
-
-        def outer(i: int) -> list[int]:
-            return parallel_map(lambda j: inner(i, j), range(4), max_workers=2)
-
-        assert parallel_map(outer, range(3), max_workers=3) == [[0, 1, 2, 3]] * 3
-        assert {t for _, _, t in order} == {threading.main_thread()}
-        return [(i, j) for i, j, _ in order]
-
-    orders = [one_run(seed) for seed in range(6)]
-    assert all(order == orders[0] for order in orders), orders
-
-
 @pytest.fixture
 def world_of_one():
     """A real gloo process group of one rank, in this process."""
@@ -851,57 +819,6 @@ def test_hang_report_explains_items_that_wait_for_each_other(caplog):
     )
     assert "items must not wait for each other" in reports[0]
 
-
-def _draws_with_item_generators(monkeypatch, max_workers: int, delay_seed: int):
-    # A fresh process would start counting top-level calls at 0 too.
-    monkeypatch.setattr(_item_rng, "_top_level_calls", itertools.count())
-    torch.manual_seed(1234)
-    log = IssueLog()
-    delays = random.Random(delay_seed)
-    sleeps = [delays.choice([0.0, 0.001, 0.003]) for _ in range(10)]
-
-    def inner(j: int) -> list[float]:
-        return torch.rand(2, generator=item_generator()).tolist()
-
-    def item(i: int) -> tuple[object, ...]:
-        g = item_generator()
-        assert item_generator("cpu") is g  # one generator per item and device
-        # The item's own draws decide how many collectives it issues
-        # (LayerDrop-like), interleaved with another item's draws elsewhere.
-        layers = [k for k in range(4) if torch.rand((), generator=g) > 0.5]
-        for k in layers:
-            time.sleep(sleeps[i])
-            fake_collective(log, (i, k))
-        torch.rand(5)  # the shared default generator: no effect on the others
-        # Two nested calls in one item: each call's items draw their own numbers.
-        nested = [
-            draws for _ in range(2) for draws in parallel_map(inner, range(2), max_workers=2)
-        ] if i % 3 == 0 else []
-        return layers, torch.randint(0, 10**6, (2,), generator=g).tolist(), nested
-
-    return parallel_map(item, range(10), max_workers=max_workers), log.entries
-
-
-def test_item_generators_do_not_depend_on_timing_or_workers(monkeypatch):
-    reference, issued = _draws_with_item_generators(monkeypatch, 1, 0)
-    for max_workers, delay_seed in ((2, 1), (3, 2), (5, 3), (3, 4)):
-        results, other = _draws_with_item_generators(monkeypatch, max_workers, delay_seed)
-        assert results == reference, max_workers
-        assert sorted(other) == sorted(issued)  # the same collectives, in schedule order
-    # Items (and nested items) draw different numbers; layer choices vary.
-    draws = [tuple(r[1]) for r in reference] + [
-        tuple(x) for r in reference for x in r[2]
-    ]
-    assert len(set(draws)) == len(draws)
-    assert len({len(r[0]) for r in reference}) > 1
-    # A later call in the same process gets other numbers.
-    def draw(i: int) -> float:
-        return torch.rand((), generator=item_generator()).item()
-
-    torch.manual_seed(1234)
-    assert parallel_map(draw, range(3), max_workers=2) != parallel_map(draw, range(3), max_workers=2)
-    # Outside parallel_map: the default generator, as without generator=.
-    assert item_generator() is torch.default_generator
 
 def test_an_issue_error_is_logged_once_by_c10d(world_of_one, monkeypatch):
     # The issue runs the entry point without c10d's exception-logging

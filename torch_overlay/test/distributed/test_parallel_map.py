@@ -873,6 +873,45 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         self._assert_clean()
 
     @requires_gloo()
+    def test_item_generators_depend_on_neither_workers_nor_timing(self):
+        # Without collectives in the items, ranks may use different
+        # max_workers: the draws still agree, item by item, nested items
+        # included; so they depend only on the call's and the item's place.
+        self._init()
+        r = self.rank
+        torch.manual_seed(1234)  # as on every rank
+        rng = random.Random(11 + r)
+        delays = [rng.choice([0.0, 0.001, 0.003]) for _ in range(10)]
+
+        def inner(j):
+            return torch.rand(2, generator=item_generator()).tolist()
+
+        def item(i):
+            g = item_generator()
+            self.assertIs(item_generator("cpu"), g)  # one per item and device
+            time.sleep(delays[i])
+            first = torch.rand(3, generator=g).tolist()
+            torch.rand(5)  # the shared default generator: no effect on the items'
+            # two nested calls in some items: their items draw their own numbers
+            nested = []
+            if i % 3 == 0:
+                for _ in range(2):
+                    nested += parallel_map(inner, range(2), max_workers=2)
+            return first, nested
+
+        results = parallel_map(item, range(10), max_workers=(2, 3, 5, 1)[r % 4])
+        self._assert_same_on_every_rank(results)
+        draws = [tuple(first) for first, _ in results]
+        draws += [tuple(d) for _, nested in results for d in nested]
+        self.assertEqual(len(set(draws)), len(draws))  # no two items draw alike
+        # The next call of this process is another place: other numbers.
+        again = parallel_map(item, range(10), max_workers=2)
+        self.assertNotEqual([first for first, _ in again], [f for f, _ in results])
+        # Outside parallel_map: the default generator, as without generator=.
+        self.assertIs(item_generator(), torch.default_generator)
+        self._assert_clean()
+
+    @requires_gloo()
     def test_iterable_that_calls_collectives(self):
         # A sampler that broadcasts each index from rank 0: the iterable runs
         # on the calling thread at fixed points of the schedule, so its
@@ -1037,6 +1076,45 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
 
         self.assertEqual(parallel_map(item, range(6), max_workers=3), list(range(6)))
         self.assertTrue(all(on_main for _, on_main in order))
+        self._assert_same_on_every_rank(order)
+        self._assert_clean()
+
+    @requires_gloo()
+    def test_coordinated_in_a_nested_call_reaches_the_outermost_schedule(self):
+        # Called in an item of a nested call, a coordinated function runs on
+        # the outermost coordinating thread, one at a time, at its item's
+        # place in the schedule, so its own collective pairs up across ranks
+        # and the order is the same on every rank under per-rank delays.
+        self._init()
+        ws, r = self.world_size, self.rank
+        rng = random.Random(77 + r)
+        delays = {(i, j): rng.choice([0.0, 0.002]) for i in range(3) for j in range(4)}
+        order, running = [], []
+
+        @coordinated
+        def step(i, j):
+            running.append((i, j))
+            overlapped = len(running) > 1
+            t = _full(10 * i + j + r)
+            dist.all_reduce(t)  # issued by the outermost coordinating thread
+            order.append((i, j, threading.current_thread() is threading.main_thread()))
+            running.pop()
+            self.assertFalse(overlapped, "coordinated calls overlapped")
+            return t[0].item()
+
+        def inner(i, j):
+            time.sleep(delays[(i, j)])
+            return step(i, j)
+
+        def outer(i):
+            return parallel_map(lambda j: inner(i, j), range(4), max_workers=2)
+
+        results = parallel_map(outer, range(3), max_workers=3)
+        expected = [
+            [ws * (10 * i + j) + ws * (ws - 1) // 2 for j in range(4)] for i in range(3)
+        ]
+        self.assertEqual(results, expected)
+        self.assertTrue(all(on_main for *_, on_main in order), order)
         self._assert_same_on_every_rank(order)
         self._assert_clean()
 
