@@ -566,23 +566,6 @@ def test_item_runs_before_the_next_is_pulled():
     assert parallel_map(feed, iter(work.get, None), max_workers=3) == [0, 10, 20, 30, 40, 50]
 
 
-def test_parallel_map_inside_a_coordinated_function():
-    log = IssueLog()
-
-    @coordinated
-    def summary(i: int) -> list[int]:
-        # On the coordinating thread, whose schedule waits meanwhile.
-        return parallel_map(lambda j: (fake_collective(log, ("inner", i, j)), j)[1],
-                            range(3), max_workers=2)
-
-    def item(i: int) -> list[int]:
-        fake_collective(log, ("outer", i))
-        return summary(i)
-
-    assert parallel_map(item, range(3), max_workers=2) == [[0, 1, 2]] * 3
-    assert len(log.entries) == 3 + 9 and log.issued_by_schedule()
-
-
 def _drain_pool(monkeypatch) -> None:
     monkeypatch.setattr(_pool, "IDLE_TIMEOUT_S", 0.05)
     _wait_for_no_workers(timeout=5)

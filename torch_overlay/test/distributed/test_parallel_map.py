@@ -1118,6 +1118,53 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         self._assert_same_on_every_rank(order)
         self._assert_clean()
 
+    @requires_gloo()
+    def test_parallel_map_inside_a_coordinated_function(self):
+        # A coordinated function runs on the coordinating thread while the
+        # schedule waits for it; a parallel_map there runs a schedule of its
+        # own, whose items' collectives pair up across ranks too, and leaves
+        # the process's top level to the outer call.
+        self._init()
+        ws, r = self.world_size, self.rank
+        rng = random.Random(3 + r)
+        delays = [rng.random() * 0.002 for _ in range(4)]
+
+        def call_from_another_thread():
+            refusals = []
+
+            def call():
+                try:
+                    parallel_map(abs, [-1, -2], max_workers=2)
+                except RuntimeError as e:
+                    refusals.append(str(e))
+
+            thread = threading.Thread(target=call)
+            thread.start()
+            thread.join()
+            return refusals
+
+        @coordinated
+        def summary(i):
+            inner = parallel_map(
+                lambda j: _all_reduce_value(10 * i + j, r), range(3), max_workers=2
+            )
+            return inner, call_from_another_thread()
+
+        def item(i):
+            time.sleep(delays[i])
+            return _all_reduce_value(100 * i, r), summary(i)
+
+        with _recording_schedule() as issued:
+            results = parallel_map(item, range(4), max_workers=2)
+        total = ws * (ws - 1) // 2
+        for i, (outer, (inner, refusals)) in enumerate(results):
+            self.assertEqual(outer, ws * 100 * i + total)
+            self.assertEqual(inner, [ws * (10 * i + j) + total for j in range(3)])
+            self.assertEqual(len(refusals), 1, refusals)
+            self.assertIn("already running on another thread", refusals[0])
+        self._assert_same_on_every_rank(issued)
+        self._assert_clean()
+
 
 @unittest.skipUnless(torch.cuda.is_available(), "needs CUDA")
 class ParallelMapCudaTest(_ParallelMapTestBase):
