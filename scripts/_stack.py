@@ -30,7 +30,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-import _autograd_edits
+import _stub_edits
 import _hook_edits
 import _upstream_files
 from _overlay_files import BASE, REPO, Overlay, PatchError, apply_edit
@@ -71,10 +71,9 @@ class Stack:
         for path, text in state.items():
             if before[path] is not None and text != before[path]:
                 edits[path] = unified_diff(path, before[path], text).encode()
-        # The shim stands in for the C++ edits, from the patch that makes them.
-        has_cpp = any(path.startswith(("aten/", "torch/csrc/"))
-                      for p in self.patches[:k] for path in p.by_hand)
-        return Overlay(new_files, edits, full.by_hand_edits, full.shims if has_cpp else {})
+        # A shim stands in for a C++ edit, from the patch that makes it.
+        edited = {path for p in self.patches[:k] for path in p.by_hand}
+        return Overlay(new_files, edits, full.by_hand_edits, full.shims_for(edited))
 
 
 def unified_diff(path: str, original: str, edited: str) -> str:
@@ -143,7 +142,7 @@ def load(down_to: int = 1) -> Stack:
                 if step and step not in all_steps:
                     raise _error(f"{entry!r}: {path} has the steps {all_steps}")
                 steps[path] = step or all_steps[-1]
-            elif path == _autograd_edits.PYI:
+            elif path in _stub_edits.PYIS:
                 steps[path] = "stubs"
             elif path in overlay.by_hand_edits:
                 by_hand.append(path)
@@ -158,7 +157,7 @@ def load(down_to: int = 1) -> Stack:
                              tuple(by_hand), tuple(spec.get("defines", ())), peel,
                              tuple(spec.get("tests", ()))))
 
-    edited = [*_hook_edits.STEPS, _autograd_edits.PYI]
+    edited = [*_hook_edits.STEPS, *_stub_edits.PYIS]
     missing = (set(overlay.new_files) | set(overlay.by_hand_edits)) - set(owner)
     missing |= {p for p in edited if f"{p}@{_final_step(p)}" not in owner}
     if missing:
@@ -212,8 +211,8 @@ def _final_step(path: str) -> str:
 
 
 def _edit(path: str, original: str, step: str) -> str:
-    if path == _autograd_edits.PYI:
-        return _autograd_edits.edit(original)
+    if path in _stub_edits.PYIS:
+        return _stub_edits.edit(path, original)
     return _hook_edits.edit(path, original, through=step)
 
 

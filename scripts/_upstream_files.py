@@ -34,6 +34,7 @@ FILES = (
     "torch/distributed/_state_dict_utils.py",
     "torch/nn/parallel/distributed.py",
     "torch/_C/_autograd.pyi",
+    "torch/_C/_distributed_c10d.pyi",
     "torch/version.py",
 )
 CACHE = Path(

@@ -1,4 +1,5 @@
 // Overlay shim, not part of the upstream series.
+// Imitates: torch/csrc/autograd/init.cpp
 //
 // The series' C++ patch ("[autograd] Let Python number autograd nodes and
 // carry thread-local state to another thread") adds three bindings to

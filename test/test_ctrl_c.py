@@ -88,13 +88,13 @@ def test_a_ctrl_c_raised_as_the_swaps_are_entered_undoes_them():
     # section ends, inside __enter__, so no __exit__ follows: __enter__ must
     # undo them itself.
     from torch.distributed.threading import _interrupts
-    from torch.distributed.threading._bypass import RefuseCollectivesOnWorkers as Refuse
+    from torch.distributed.threading._op_hook import HookedOps as Hooked
 
-    originals = [(owner, name, original) for owner, name, original, _ in Refuse.swaps()]
+    originals = [(owner, name, original) for owner, name, original, _ in Hooked.swaps()]
     _interrupts._sections.deferred = (signal.default_int_handler, signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt), Refuse():
+    with pytest.raises(KeyboardInterrupt), Hooked():
         pass
-    assert Refuse._depth == 0
+    assert Hooked._depth == 0
     now = inspect.getattr_static
     assert all(now(owner, name) is original for owner, name, original in originals)
 

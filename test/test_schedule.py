@@ -691,12 +691,11 @@ def world_of_one():
 
 
 def test_the_swaps_are_undone_when_a_call_raises():
-    # The refusals of process-group methods and the hooked collective ops are
-    # in place only while a call runs, however it ends.
-    from torch.distributed.threading._bypass import RefuseCollectivesOnWorkers
+    # The hooked collective ops are in place only while a call runs, however
+    # it ends.
     from torch.distributed.threading._op_hook import HookedOps
 
-    swaps = RefuseCollectivesOnWorkers.swaps() + HookedOps.swaps()
+    swaps = HookedOps.swaps()
     now = inspect.getattr_static
 
     def item(i: int) -> int:

@@ -43,6 +43,8 @@ from torch.testing._internal.common_utils import (
 _ITEMS = 12
 _PG_TIMEOUT_S = 20.0
 _BYPASS = "outside the schedule"
+# What c10d's bindings raise for a ProcessGroup method called directly on a worker.
+_REFUSED = "refuses collectives called directly"
 
 
 class _Base(MultiProcessTestCase):
@@ -203,14 +205,16 @@ class CompiledCollectivesTest(_Base):
 class BypassDetectionTest(_Base):
     """Each way around the schedule raises on every rank, in time."""
 
-    def _check_raises(self, item):
+    def _check_raises(self, item, expected=_BYPASS):
         """Every rank raises in time, leaves no thread, and the process group works on."""
-        with self.assertRaisesRegex(RuntimeError, _BYPASS) as raised:
+        with self.assertRaisesRegex(RuntimeError, expected) as raised:
             parallel_map(item, range(_ITEMS), max_workers=4)
         # In time: an item left waiting on its peer until the process group's
         # timeout would add its own error (a timeout) as a note.
         for note in getattr(raised.exception, "__notes__", []):
-            self.assertRegex(note, "CollectiveBypassError|CollectiveCancelledError")
+            self.assertRegex(
+                note, f"CollectiveBypassError|CollectiveCancelledError|{expected}"
+            )
         self._assert_clean()
         self._assert_usable_again()
         self._assert_clean()
@@ -224,7 +228,7 @@ class BypassDetectionTest(_Base):
             return t[0].item()
 
         self._init()
-        self._check_raises(item)
+        self._check_raises(item, _REFUSED)
 
     @requires_gloo()
     def test_process_group_outside_the_registry(self):
@@ -239,7 +243,36 @@ class BypassDetectionTest(_Base):
         self._init()
         store = dist.PrefixStore("side", dist.distributed_c10d._get_default_store())
         side = dist.ProcessGroupGloo(store, self.rank, self.world_size)
-        self._check_raises(item)
+        self._check_raises(item, _REFUSED)
+
+    @requires_gloo()
+    def test_only_workers_refuse_direct_calls(self):
+        # Items run on workers, which refuse; the iterable runs on the
+        # coordinating thread, which issues the schedule's calls and does not.
+        refuses = torch._C._distributed_c10d._refuses_direct_collectives
+        seen_by_items, seen_by_iterable = [], []
+
+        def items():
+            for i in range(_ITEMS):
+                seen_by_iterable.append(refuses())
+                yield i
+
+        def item(i):
+            time.sleep(self.delays[i])
+            seen_by_items.append(refuses())
+            t = self._value(i)
+            dist.all_reduce(t)  # issued at the turn: the issuer does not refuse
+            seen_by_items.append(refuses())
+            return t[0].item()
+
+        self._init()
+        self.assertFalse(refuses())
+        results = parallel_map(item, items(), max_workers=4)
+        self.assertFalse(refuses())
+        self.assertEqual(results, [self._reduced(i) for i in range(_ITEMS)])
+        self.assertEqual(seen_by_items, [True] * (2 * _ITEMS))
+        self.assertEqual(seen_by_iterable, [False] * _ITEMS)
+        self._assert_clean()
 
     @requires_gloo()
     def test_thread_started_by_fn(self):

@@ -9,10 +9,10 @@ called from Python (through the hooked functions of
 C++ caller (DDP's reducer, autograd's device threads running a
 communicating backward), nor a thread that ``fn`` starts.
 
-*Refused* on worker threads before anything is issued, while a top-level
-call runs (:class:`RefuseCollectivesOnWorkers`): the collective methods of
-``ProcessGroup`` and ``Backend``. Outside a call these are torch's own,
-untouched.
+*Refused* before anything is issued: a thread that has the collective hook
+(a worker) refuses the collective methods of ``ProcessGroup`` and
+``Backend`` called directly (:func:`set_collective_hook` sets both; the
+check is in c10d's bindings of those methods, and other threads pass it).
 
 *Detected* after the fact, by counters: process groups count the
 collectives issued on them (``_get_sequence_number_for_group``). The
@@ -46,7 +46,6 @@ from torch.distributed.distributed_c10d import _collective_hook
 
 from ._calls import call_coordinated
 from ._errors import CollectiveBypassError
-from ._swap import Swap, SwappedWhileEntered
 
 
 if TYPE_CHECKING:
@@ -260,58 +259,13 @@ def make_detector(exclude: Iterable[dist.ProcessGroup]) -> BypassDetector | None
     return BypassDetector(exclude)
 
 
-# The collective methods of ProcessGroup and Backend (a release has a subset).
-# fmt: off
-_PROCESS_GROUP_METHODS = (
-    "allreduce", "allreduce_coalesced", "broadcast", "allgather", "_allgather_base",
-    "allgather_coalesced", "allgather_into_tensor_coalesced", "all_gather_single",
-    "all_gather_single_coalesced", "gather", "scatter", "reduce", "reduce_scatter",
-    "_reduce_scatter_base", "reduce_scatter_single", "reduce_scatter_single_coalesced",
-    "reduce_scatter_tensor_coalesced", "alltoall", "alltoall_base", "all_to_all_single",
-    "barrier", "monitored_barrier", "send", "recv", "recv_anysource", "_start_coalescing",
-    "_end_coalescing",
-)
-# fmt: on
+def set_collective_hook(hook: Callable[..., Any] | None) -> None:
+    """Set this thread's collective hook, and whether it refuses direct calls.
 
-
-def _refusing_method(cls_name: str, name: str, original: Any) -> Callable[..., Any]:
-    def refuse_on_workers(self: Any, /, *args: Any, **kwargs: Any) -> Any:
-        if _collective_hook.fn is not None:
-            raise CollectiveBypassError(
-                f"parallel_map: {cls_name}.{name} was called directly on a worker thread; "
-                "it would issue a collective outside the schedule. Call the "
-                "torch.distributed function instead (dist.all_reduce, dist.broadcast, "
-                "...), which parallel_map schedules."
-            )
-        return original(self, *args, **kwargs)
-
-    refuse_on_workers.__name__ = refuse_on_workers.__qualname__ = name
-    refuse_on_workers.__doc__ = getattr(original, "__doc__", None)
-    return refuse_on_workers
-
-
-class RefuseCollectivesOnWorkers(SwappedWhileEntered):
-    """While entered, ProcessGroup's and Backend's collective methods raise on workers.
-
-    Entered by a top-level parallel_map around its schedule (see ``_swap``),
-    so that code outside parallel_map runs torch's own and pays nothing.
+    A thread with a hook hands its collectives to the schedule, so it must not
+    reach a process group by calling a ``ProcessGroup`` or ``Backend`` method
+    directly: c10d's bindings of those methods raise on it. Whoever issues at
+    the turn clears the hook, and with it the refusal, for the issue.
     """
-
-    @classmethod
-    def build_swaps(cls) -> list[Swap]:
-        swaps: list[Swap] = []
-        # Backend: the C++ class that ProcessGroupGloo and the others derive
-        # from (c10d.Backend is the Python class of backend names).
-        for owner in (dist.ProcessGroup, torch._C._distributed_c10d.Backend):
-            for name in _PROCESS_GROUP_METHODS:
-                if name in owner.__dict__:
-                    original = owner.__dict__[name]
-                    swaps.append(
-                        (
-                            owner,
-                            name,
-                            original,
-                            _refusing_method(owner.__name__, name, original),
-                        )
-                    )
-        return swaps
+    _collective_hook.fn = hook
+    torch._C._distributed_c10d._set_refuse_direct_collectives(hook is not None)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch.autograd.profiler as autograd_profiler
 from torch.distributed.distributed_c10d import _collective_hook
 
+from ._bypass import set_collective_hook
 from ._coalescing import issue_coalesced
 from ._profiling import span
 from ._mailbox import Reply
@@ -83,7 +84,7 @@ class Issuer:
         item's, or the coordinating thread."""
         hook = _collective_hook.fn
         if on_worker:
-            _collective_hook.fn = None  # issue for real, do not hand over again
+            set_collective_hook(None)  # issue for real, do not hand over again
         try:
             # Its own call, on its own thread, is in its own state already.
             # (The profiler's flag first: a span, even a no-op, costs calls.)
@@ -102,7 +103,7 @@ class Issuer:
             reply = Reply(error=error)
         finally:
             if on_worker:
-                _collective_hook.fn = hook
+                set_collective_hook(hook)
             failed = self._close_window(call)
         return reply if failed is None else Reply(error=failed)
 

@@ -133,9 +133,7 @@ def collective_op_names() -> list[str]:
 class HookedOps(SwappedWhileEntered):
     """While entered, the collective ops hand their calls to the collective hook.
 
-    Entered by a top-level ``parallel_map`` around its schedule, together with
-    :class:`~torch.distributed.threading._bypass.RefuseCollectivesOnWorkers`
-    (see ``_swap``).
+    Entered by a top-level ``parallel_map`` around its schedule (see ``_swap``).
     """
 
     @classmethod

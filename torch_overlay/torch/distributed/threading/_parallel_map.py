@@ -11,10 +11,7 @@ from torch._C._distributed_c10d import DebugLevel, get_debug_level
 from torch.distributed.distributed_c10d import _collective_hook
 
 from . import _op_hook
-from ._bypass import (
-    make_detector,
-    RefuseCollectivesOnWorkers,
-)
+from ._bypass import make_detector
 from ._caller_state import CallerState
 from ._coordinator import Coordinator
 from ._interrupts import deferring_interrupts, shielded
@@ -309,9 +306,9 @@ def parallel_map(
                 detector=detector,
                 coalesce=coalesce_all_reduces,
             )
-            if nested:  # the outer call refuses direct process-group calls
+            if nested:  # the outer call hooks the functional ops
                 return schedule.run()
-            with RefuseCollectivesOnWorkers(), _op_hook.HookedOps():
+            with _op_hook.HookedOps():
                 return schedule.run()
         finally:
             with shielded:  # a Ctrl-C here must not leave the top level claimed

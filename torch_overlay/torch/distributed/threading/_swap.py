@@ -1,18 +1,15 @@
 """Attributes replaced only while a top-level ``parallel_map`` runs.
 
-Two guards cannot live in ``distributed_c10d``'s entry points: the refusal
-of the collective methods of ``ProcessGroup`` and ``Backend``, which a
-worker could reach directly (see ``_bypass``), and the hook of the
-functional collective ops, which compiled code calls directly (see
-``_op_hook``). Both replace attributes of torch's objects, and both only for
-as long as a top-level ``parallel_map`` runs, so that code outside it runs
-exactly what it ran before and pays nothing. :class:`SwappedWhileEntered`
-is that one rule: the first entry replaces every attribute, the last exit
-puts the originals back. One coordinating thread enters at a time
-(``parallel_map`` admits one top-level call), and it may enter again: a
-``coordinated`` function on that thread may start another call. A thread
-that reads an attribute meanwhile gets either callable, so each guard must
-be right with both.
+The hook of the functional collective ops, which compiled code calls
+directly (see ``_op_hook``), replaces an attribute of torch's op objects, and
+only for as long as a top-level ``parallel_map`` runs, so that code outside
+it runs exactly what it ran before and pays nothing.
+:class:`SwappedWhileEntered` is that one rule: the first entry replaces every
+attribute, the last exit puts the originals back. One coordinating thread
+enters at a time (``parallel_map`` admits one top-level call), and it may
+enter again: a ``coordinated`` function on that thread may start another
+call. A thread that reads an attribute meanwhile gets either callable, so
+the hook must be right with both.
 """
 
 from __future__ import annotations

@@ -19,9 +19,8 @@ from typing import Any, TYPE_CHECKING
 import torch
 import torch.autograd.profiler as autograd_profiler
 import torch.distributed.distributed_c10d as c10d
-from torch.distributed.distributed_c10d import _collective_hook
 
-from ._bypass import coalescing_manager_error
+from ._bypass import coalescing_manager_error, set_collective_hook
 from ._calls import (
     Call,
     call_coordinated,
@@ -93,11 +92,11 @@ def worker_hook(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
     if fn is c10d._coalescing_manager:
         raise coalescing_manager_error("cannot be used on a worker thread")
     if torch._C._len_torch_dispatch_stack() and _tracing():
-        _collective_hook.fn = None
+        set_collective_hook(None)
         try:
             return fn(**kwargs)
         finally:
-            _collective_hook.fn = worker_hook
+            set_collective_hook(worker_hook)
     return worker.submit(fn, **kwargs)
 
 
@@ -159,7 +158,7 @@ class Worker:
         except BaseException as error:  # each item this worker takes fails with it
             setup_error = error
         _this_worker.worker = self
-        _collective_hook.fn = worker_hook
+        set_collective_hook(worker_hook)
         try:
             while (box := self._feeder.take()) is not None:
                 self.box = box
@@ -186,7 +185,7 @@ class Worker:
                 self._turn.post(box, ended, Route.COORDINATOR)
                 self.box = None
         finally:
-            _collective_hook.fn = None
+            set_collective_hook(None)
             _this_worker.worker = None
             self._state.leave_worker_thread()
 

@@ -1,0 +1,107 @@
+# Owner(s): ["oncall: distributed"]
+"""A thread may refuse collectives called directly on a ProcessGroup or Backend."""
+
+import threading
+
+import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import (
+    _refuses_direct_collectives,
+    _set_refuse_direct_collectives,
+)
+from torch.testing._internal.common_distributed import requires_gloo
+from torch.testing._internal.common_utils import run_tests, TestCase
+
+
+_REFUSED = "refuses collectives called directly"
+
+
+def _direct_calls(group):
+    """Collective method calls on ``group`` and on its CPU backend, one per overload kind."""
+    backend = group._get_backend(torch.device("cpu"))
+    t = torch.ones(2)
+    return {
+        "ProcessGroup.allreduce(tensors)": lambda: group.allreduce([t]),
+        "ProcessGroup.allreduce(tensor, op)": lambda: group.allreduce(
+            t, dist.ReduceOp.SUM
+        ),
+        "ProcessGroup.broadcast(tensor, root)": lambda: group.broadcast(t, 0),
+        "ProcessGroup.allgather": lambda: group.allgather([[torch.ones(2)]], [t]),
+        "ProcessGroup.allreduce_coalesced": lambda: group.allreduce_coalesced([t]),
+        "ProcessGroup.reduce(tensor, root)": lambda: group.reduce(t, 0),
+        "ProcessGroup.barrier": lambda: group.barrier(),
+        "Backend.allreduce": lambda: backend.allreduce([t]),
+        "Backend.broadcast": lambda: backend.broadcast([t]),
+    }
+
+
+@requires_gloo()
+class RefuseDirectCollectivesTest(TestCase):
+    def setUp(self):
+        super().setUp()
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        self.group = dist.group.WORLD
+
+    def tearDown(self):
+        _set_refuse_direct_collectives(False)
+        dist.destroy_process_group()
+        super().tearDown()
+
+    def _count(self):
+        return self.group._get_backend(
+            torch.device("cpu")
+        )._get_sequence_number_for_group()
+
+    def test_refused_before_anything_is_issued(self):
+        self.assertFalse(_refuses_direct_collectives())
+        _set_refuse_direct_collectives(True)
+        self.assertTrue(_refuses_direct_collectives())
+        before = self._count()
+        for name, call in _direct_calls(self.group).items():
+            with self.subTest(name), self.assertRaisesRegex(RuntimeError, _REFUSED):
+                call()
+        self.assertEqual(self._count(), before)
+
+    def test_allowed_again_once_the_flag_is_cleared(self):
+        _set_refuse_direct_collectives(True)
+        _set_refuse_direct_collectives(False)
+        before = self._count()
+        calls = _direct_calls(self.group)
+        for call in calls.values():
+            call().wait()
+        self.assertEqual(self._count(), before + len(calls))
+
+    def test_the_flag_belongs_to_the_thread_that_sets_it(self):
+        seen = {}
+
+        def refusing_thread():
+            seen["starts_refusing"] = _refuses_direct_collectives()
+            _set_refuse_direct_collectives(True)
+            try:
+                self.group.allreduce([torch.ones(2)])
+            except RuntimeError as error:
+                seen["error"] = str(error)
+            finally:
+                _set_refuse_direct_collectives(False)
+
+        _set_refuse_direct_collectives(True)
+        thread = threading.Thread(target=refusing_thread)
+        thread.start()
+        thread.join(timeout=60)
+        self.assertFalse(thread.is_alive())
+        _set_refuse_direct_collectives(False)
+        self.assertFalse(seen["starts_refusing"])
+        self.assertIn(_REFUSED, seen["error"])
+        # This thread cleared its own flag: its calls go out.
+        self.group.allreduce([torch.ones(2)]).wait()
+
+    def test_the_functions_of_torch_distributed_are_refused_too(self):
+        # They end in the same methods; a thread that refuses direct calls
+        # hands its collectives to someone else (its collective hook).
+        _set_refuse_direct_collectives(True)
+        with self.assertRaisesRegex(RuntimeError, _REFUSED):
+            dist.all_reduce(torch.ones(2))
+
+
+if __name__ == "__main__":
+    run_tests()
