@@ -2,11 +2,11 @@
 # Imitates: torch/csrc/distributed/c10d/init.cpp
 """What the series' c10d C++ patch does, for an installed wheel.
 
-The patch ("[c10d] Let a thread refuse direct ProcessGroup collective
-calls") gives the pybind bindings of ``ProcessGroup``'s and ``Backend``'s
-collective methods a first call guard that raises ``RuntimeError`` on a
-thread that refuses them, and binds the thread's flag in
-``torch._C._distributed_c10d``:
+The patch ("[c10d] Let a thread refuse collectives called directly on a
+ProcessGroup") gives the pybind bindings of ``ProcessGroup``'s and
+``Backend``'s collective methods a first call guard that raises
+``RuntimeError`` on a thread that refuses them, and binds the thread's flag
+in ``torch._C._distributed_c10d``:
 
     _set_refuse_direct_collectives(refuse)  set this thread's flag
     _refuses_direct_collectives()           read it
@@ -17,9 +17,14 @@ appends one import line to the wheel's ``torch/__init__.py``. Loading it
 attaches the two functions. While at least one thread refuses, each
 collective method is replaced by a function that checks the calling thread's
 flag and calls the original; when the last thread stops refusing, the
-originals are back. Code that never sets the flag (anything outside
-``parallel_map``) so runs torch's own methods, as it would with the patch,
-whose check is one C++ branch. Nothing in the series imports this module.
+originals are back. So while no thread refuses (no ``parallel_map`` runs),
+every thread runs torch's own methods; while one does, every thread's call
+passes the check, where the patch's is one C++ branch. Differences from the
+patch: a method looked up before the first thread refused (``f =
+pg.allreduce``) is not checked; a thread that ends with its flag set keeps
+the methods replaced for good (workers clear theirs as they stop); and
+``METHODS`` also lists the five ``*_single`` methods of torch 2.13, which the
+patch does not reach yet. Nothing in the series imports this module.
 """
 
 from __future__ import annotations
@@ -32,10 +37,10 @@ import torch
 
 # What the patch's guard raises: the same text.
 MESSAGE = (
-    "This thread refuses collectives called directly on a ProcessGroup or Backend: "
-    "torch.distributed.threading.parallel_map runs it and orders its collectives on "
-    "every rank. Call the torch.distributed function instead (dist.all_reduce, "
-    "dist.broadcast, ...)."
+    "This thread refuses collectives called directly on a ProcessGroup or Backend: its "
+    "collectives go through torch.distributed's functions, which its caller orders (e.g. "
+    "torch.distributed.threading.parallel_map). Call the torch.distributed function "
+    "instead (dist.all_reduce, dist.broadcast, ...)."
 )
 
 # The methods the patch guards (a release binds a subset).
@@ -47,7 +52,7 @@ METHODS = (
     "_reduce_scatter_base", "reduce_scatter_single", "reduce_scatter_single_coalesced",
     "reduce_scatter_tensor_coalesced", "alltoall", "alltoall_base", "all_to_all_single",
     "barrier", "monitored_barrier", "send", "recv", "recv_anysource", "_start_coalescing",
-    "_end_coalescing",
+    "_end_coalescing", "eager_connect_single_device",
 )
 # fmt: on
 

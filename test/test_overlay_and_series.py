@@ -240,11 +240,11 @@ def test_the_c10d_cpp_patch_only_adds_the_guard_and_compiles(tmp_path):
                if line.startswith("-") and not line.startswith("---")]
     added = [line[1:] for line in diff.splitlines()
              if line.startswith("+") and not line.startswith("+++")]
-    swapped = [line for line in added if "collective_call_guard()" in line]
+    swapped = [line for line in added if "CollectiveCallGuard()" in line]
     assert len(swapped) == len(removed) > 40
-    assert [line.replace("py::call_guard<py::gil_scoped_release>()", "collective_call_guard()")
+    assert [line.replace("py::call_guard<py::gil_scoped_release>()", "CollectiveCallGuard()")
             for line in removed] == swapped
-    new_code = [line for line in added if "collective_call_guard()" not in line]
+    new_code = [line for line in added if "CollectiveCallGuard()" not in line]
     start = next(i for i, line in enumerate(new_code) if "module.def(" in line)
     source = tmp_path / "guard.cpp"
     source.write_text(
@@ -252,7 +252,7 @@ def test_the_c10d_cpp_patch_only_adds_the_guard_and_compiles(tmp_path):
         "namespace {\n" + "\n".join(new_code[:start]) + "\n}\n"
         "void bind(pybind11::module& module) {\n" + "\n".join(new_code[start:]) + "\n"
         "  pybind11::class_<std::string>(module, \"S\")"
-        ".def(\"size\", &std::string::size, collective_call_guard());\n}\n"
+        ".def(\"size\", &std::string::size, CollectiveCallGuard());\n}\n"
     )
     torch_dir = Path(importlib.util.find_spec("torch").submodule_search_locations[0])
     out = run(["g++", "-fsyntax-only", "-std=c++20", "-w",

@@ -709,6 +709,24 @@ def test_the_swaps_are_undone_when_a_call_raises():
     assert all(now(owner, name) is original for owner, name, original, _ in swaps)
 
 
+def test_no_worker_refuses_direct_calls_once_a_failed_call_returned():
+    # Workers clear their flag as they leave for the pool, however the call
+    # ended: here, the overlay's shim counts the threads that refuse.
+    from torch import _direct_collective_refusal_shim as shim
+
+    def item(i: int) -> int:
+        if i == 2:
+            raise ValueError("item 2 failed")
+        return i
+
+    with pytest.raises(ValueError, match="item 2 failed"):
+        parallel_map(item, range(6), max_workers=3)
+    deadline = time.monotonic() + 30
+    while shim._refusing and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert shim._refusing == 0
+
+
 def test_the_iterables_window_forgives_only_what_the_iterable_issues(world_of_one):
     # The iterable runs on the coordinating thread at fixed points of the
     # schedule, so what it issues is the schedule's; a collective that reached

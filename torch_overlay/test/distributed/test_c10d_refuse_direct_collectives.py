@@ -95,6 +95,28 @@ class RefuseDirectCollectivesTest(TestCase):
         # This thread cleared its own flag: its calls go out.
         self.group.allreduce([torch.ones(2)]).wait()
 
+    def test_a_thread_that_refuses_does_not_stop_the_others(self):
+        refusing, release = threading.Event(), threading.Event()
+
+        def refusing_thread():
+            _set_refuse_direct_collectives(True)
+            refusing.set()
+            release.wait(timeout=60)
+            _set_refuse_direct_collectives(False)
+
+        thread = threading.Thread(target=refusing_thread)
+        thread.start()
+        try:
+            self.assertTrue(refusing.wait(timeout=60))
+            before = self._count()
+            for call in _direct_calls(self.group).values():
+                call().wait()
+            self.assertEqual(self._count(), before + len(_direct_calls(self.group)))
+        finally:
+            release.set()
+            thread.join(timeout=60)
+        self.assertFalse(thread.is_alive())
+
     def test_the_functions_of_torch_distributed_are_refused_too(self):
         # They end in the same methods; a thread that refuses direct calls
         # hands its collectives to someone else (its collective hook).

@@ -249,12 +249,13 @@ class BypassDetectionTest(_Base):
     def test_only_workers_refuse_direct_calls(self):
         # Items run on workers, which refuse; the iterable runs on the
         # coordinating thread, which issues the schedule's calls and does not.
+        # A nested call's coordinating thread is a worker: it and its items do.
         refuses = torch._C._distributed_c10d._refuses_direct_collectives
-        seen_by_items, seen_by_iterable = [], []
+        seen_by_items, seen_by_iterable, seen_nested = [], [], []
 
-        def items():
-            for i in range(_ITEMS):
-                seen_by_iterable.append(refuses())
+        def items(seen, n):
+            for i in range(n):
+                seen.append(refuses())
                 yield i
 
         def item(i):
@@ -263,15 +264,22 @@ class BypassDetectionTest(_Base):
             t = self._value(i)
             dist.all_reduce(t)  # issued at the turn: the issuer does not refuse
             seen_by_items.append(refuses())
+            if i == 0:
+                seen_nested.extend(
+                    parallel_map(
+                        lambda _: refuses(), items(seen_nested, 3), max_workers=2
+                    )
+                )
             return t[0].item()
 
         self._init()
         self.assertFalse(refuses())
-        results = parallel_map(item, items(), max_workers=4)
+        results = parallel_map(item, items(seen_by_iterable, _ITEMS), max_workers=4)
         self.assertFalse(refuses())
         self.assertEqual(results, [self._reduced(i) for i in range(_ITEMS)])
         self.assertEqual(seen_by_items, [True] * (2 * _ITEMS))
         self.assertEqual(seen_by_iterable, [False] * _ITEMS)
+        self.assertEqual(seen_nested, [True] * 6)
         self._assert_clean()
 
     @requires_gloo()

@@ -39,9 +39,9 @@ import logging
 import os
 from typing import Any, TYPE_CHECKING
 
-import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+from torch._C._distributed_c10d import _set_refuse_direct_collectives
 from torch.distributed.distributed_c10d import _collective_hook
 
 from ._calls import call_coordinated
@@ -267,5 +267,5 @@ def set_collective_hook(hook: Callable[..., Any] | None) -> None:
     directly: c10d's bindings of those methods raise on it. Whoever issues at
     the turn clears the hook, and with it the refusal, for the issue.
     """
+    _set_refuse_direct_collectives(hook is not None)
     _collective_hook.fn = hook
-    torch._C._distributed_c10d._set_refuse_direct_collectives(hook is not None)

@@ -158,8 +158,8 @@ class Worker:
         except BaseException as error:  # each item this worker takes fails with it
             setup_error = error
         _this_worker.worker = self
-        set_collective_hook(worker_hook)
         try:
+            set_collective_hook(worker_hook)
             while (box := self._feeder.take()) is not None:
                 self.box = box
                 # the original (its traceback) first, then copies
