@@ -17,8 +17,10 @@ both sides import the same modules (``torch._dynamo``, which
 ``torch.distributed.threading`` imports); the overlay is uninstalled for
 "pristine" and installed, with ``torch.distributed.threading`` imported, for
 "overlay". Cases: ``all_reduce``: ``dist.all_reduce`` (the hook line of the
-entry points); ``op``: a functional all_reduce op and its ``wait_tensor``,
-what compiled graphs call; ``eager`` / ``inductor``: a function compiled
+entry points); ``after_map``: the same once a ``parallel_map`` has run (the
+overlay's shim of the C++ refusal then checks each direct method call);
+``op``: a functional all_reduce op and its ``wait_tensor``, what compiled
+graphs call; ``eager`` / ``inductor``: a function compiled
 with that backend, with ``dist.all_reduce`` inside.
 
 Inside parallel_map (the schedule's cost per call), against the same
@@ -52,8 +54,11 @@ if hooked:
 torch.set_num_threads(1)
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 x = torch.ones(4)
-if what == "all_reduce":
+if what in ("all_reduce", "after_map"):
     fn = lambda: dist.all_reduce(x)
+    if what == "after_map" and hooked:
+        from torch.distributed.threading import parallel_map
+        parallel_map(lambda i: dist.all_reduce(x), range(2), max_workers=2)
 elif what == "op":
     all_reduce = torch.ops._c10d_functional.all_reduce.default
     wait = torch.ops._c10d_functional.wait_tensor.default
@@ -129,7 +134,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--what", nargs="+",
-                        default=["all_reduce", "op", "eager", "inductor", "own", "served"])
+                        default=["all_reduce", "after_map", "op", "eager", "inductor", "own",
+                                 "served"])
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--smoke", action="store_true", help="tiny, uncounted: for CI")
     args = parser.parse_args()

@@ -9,6 +9,11 @@
   baseline (_round_robin.py). gloo, world size 1.
 * The bypass detector's own cost per issue: its check before and its read
   after an issue, timed directly on the default group.
+* The overlay's shim of the C++ refusal (shims/direct_collective_refusal.py):
+  a worker sets and clears its thread's flag around each call it issues
+  (what one pair costs), and once a parallel_map has run, each direct method
+  call passes the shim's guard: a plain all_reduce loop with torch's methods
+  and with the guarded ones, in one process, interleaved.
 * Inactive hook: a plain all_reduce loop with the overlay installed and
   uninstalled, in fresh processes, interleaved. This re-installs the overlay
   into the running interpreter's torch around each run (scripts/overlay).
@@ -101,6 +106,43 @@ def detector_cost(n: int) -> float:
     return best
 
 
+def refusal_shim(calls: int, repeat: int) -> tuple[float, float, float] | None:
+    """Seconds per flag set-and-clear pair, and per all_reduce with torch's
+    methods and with the shim's guarded ones; None without the shim."""
+    try:
+        from torch import _direct_collective_refusal_shim as shim
+    except ImportError:  # not the overlay, or a torch with the C++ patch
+        return None
+    own = torch._C._distributed_c10d
+    start = time.perf_counter()
+    for _ in range(calls):
+        own._set_refuse_direct_collectives(True)
+        own._set_refuse_direct_collectives(False)
+    pair = (time.perf_counter() - start) / calls
+    guards = [(cls, name, cls.__dict__[name], guarded) for cls, name, guarded in shim._guards]
+
+    def put(guarded: bool) -> None:
+        for cls, name, original, guard in guards:
+            setattr(cls, name, guard if guarded else original)
+
+    t = torch.zeros(1)
+
+    def loop(guarded: bool) -> None:
+        put(guarded)
+        for _ in range(calls):
+            dist.all_reduce(t)
+
+    installed = shim._installed
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        medians = interleaved_medians({False: lambda: loop(False), True: lambda: loop(True)},
+                                      repeat)
+    finally:
+        put(installed)
+        dist.destroy_process_group()
+    return pair, medians[False] / calls, medians[True] / calls
+
+
 def _overlay(command: str) -> None:
     subprocess.run([sys.executable, str(REPO / "scripts/overlay"), command,
                     "--python", sys.executable], check=True, capture_output=True)
@@ -146,6 +188,12 @@ def main() -> None:
                              ("synchronous round-robin baseline", "round robin"))])
     print(f"\nbypass detector per issue (check + read, one group): "
           f"{cost['detector per issue'] * 1e9:.0f} ns")
+    if (shim := refusal_shim(args.calls, args.repeat)) is not None:
+        pair, plain, guarded = shim
+        print(f"\nthe refusal shim: a flag set and clear, {pair * 1e6:.2f} us; "
+              f"all_reduce, interleaved, median of {args.repeat}:")
+        table(["methods", "us per all_reduce", "ratio"],
+              [["torch's", plain * 1e6, 1.0], ["guarded", guarded * 1e6, guarded / plain]])
     if args.smoke:
         return  # the inactive-hook run re-installs the overlay: not in CI
     start = time.perf_counter()

@@ -14,17 +14,20 @@ in ``torch._C._distributed_c10d``:
 A wheel's bindings cannot receive that edit, so ``scripts/overlay install``
 installs this file as ``torch/_direct_collective_refusal_shim.py`` and
 appends one import line to the wheel's ``torch/__init__.py``. Loading it
-attaches the two functions. While at least one thread refuses, each
-collective method is replaced by a function that checks the calling thread's
-flag and calls the original; when the last thread stops refusing, the
-originals are back. So while no thread refuses (no ``parallel_map`` runs),
-every thread runs torch's own methods; while one does, every thread's call
-passes the check, where the patch's is one C++ branch. Differences from the
-patch: a method looked up before the first thread refused (``f =
-pg.allreduce``) is not checked; a thread that ends with its flag set keeps
-the methods replaced for good (workers clear theirs as they stop); and
-``METHODS`` also lists the five ``*_single`` methods of torch 2.13, which the
-patch does not reach yet. Nothing in the series imports this module.
+attaches the two functions. The first time a thread refuses, each collective
+method is replaced, for the life of the process, by a function that checks
+the calling thread's flag and calls the original. Until then (in a process
+that never runs ``parallel_map``) every thread runs torch's own methods.
+Replacing them once, rather than while some thread refuses, keeps setting
+the flag as cheap as the patch's: a worker clears and sets it around each
+call it issues, and putting ~50 class attributes back and forth on every
+issue would cost more than the issue itself. The price is a Python call in
+front of each direct method call once a ``parallel_map`` has run, where the
+patch's check is one C++ branch. Other differences from the patch: a method
+looked up before the first thread refused (``f = pg.allreduce``) is not
+checked, and ``METHODS`` also lists the five ``*_single`` methods of torch
+2.13, which the patch does not reach yet. Nothing in the series imports
+this module.
 """
 
 from __future__ import annotations
@@ -56,33 +59,47 @@ METHODS = (
 )
 # fmt: on
 
-_flag = threading.local()
+
+class _Flag(threading.local):
+    refuse = False
+
+
+_flag = _Flag()
 _lock = threading.Lock()
-_refusing = 0  # threads whose flag is set
-# (class, name, original, guarded), filled by _install
-_swaps: list[tuple[type, str, Callable[..., Any], Callable[..., Any]]] = []
+_refusing = 0  # threads whose flag is set (for tests: workers clear theirs)
+_installed = False
+# (class, name, guarded), filled by _attach
+_guards: list[tuple[type, str, Callable[..., Any]]] = []
 
 
 def _set_refuse_direct_collectives(refuse: bool) -> None:
     global _refusing
     refuse = bool(refuse)
-    if getattr(_flag, "refuse", False) == refuse:
+    if _flag.refuse == refuse:
         return
+    if refuse and not _installed:
+        _install_guards()  # before the flag is set: no call slips through
     with _lock:
-        _flag.refuse = refuse
         _refusing += 1 if refuse else -1
-        if _refusing == (1 if refuse else 0):  # the first one in, or the last one out
-            for cls, name, original, guarded in _swaps:
-                setattr(cls, name, guarded if refuse else original)
+    _flag.refuse = refuse
 
 
 def _refuses_direct_collectives() -> bool:
-    return getattr(_flag, "refuse", False)
+    return _flag.refuse
+
+
+def _install_guards() -> None:
+    global _installed
+    with _lock:
+        if not _installed:
+            for cls, name, guarded in _guards:
+                setattr(cls, name, guarded)
+            _installed = True
 
 
 def _guarded(original: Callable[..., Any]) -> Callable[..., Any]:
     def method(self: Any, /, *args: Any, **kwargs: Any) -> Any:
-        if getattr(_flag, "refuse", False):
+        if _flag.refuse:
             raise RuntimeError(MESSAGE)
         return original(self, *args, **kwargs)
 
@@ -91,7 +108,7 @@ def _guarded(original: Callable[..., Any]) -> Callable[..., Any]:
     return method
 
 
-def _install() -> None:
+def _attach() -> None:
     c10d = getattr(torch._C, "_distributed_c10d", None)
     if c10d is None:  # a build without torch.distributed
         return
@@ -101,7 +118,7 @@ def _install() -> None:
         for name in METHODS:
             if name in cls.__dict__:
                 original = cls.__dict__[name]
-                _swaps.append((cls, name, original, _guarded(original)))
+                _guards.append((cls, name, _guarded(original)))
 
 
-_install()
+_attach()
