@@ -57,8 +57,14 @@ x = torch.ones(4)
 if what in ("all_reduce", "after_map"):
     fn = lambda: dist.all_reduce(x)
     if what == "after_map" and hooked:
+        import threading
         from torch.distributed.threading import parallel_map
         parallel_map(lambda i: dist.all_reduce(x), range(2), max_workers=2)
+        # Its pooled threads exit once idle (_pool.IDLE_TIMEOUT_S): not while counting.
+        deadline = time.monotonic() + 60
+        while any(t.name.startswith("parallel_map") for t in threading.enumerate()):
+            assert time.monotonic() < deadline, "pooled threads still alive"
+            time.sleep(0.1)
 elif what == "op":
     all_reduce = torch.ops._c10d_functional.all_reduce.default
     wait = torch.ops._c10d_functional.wait_tensor.default

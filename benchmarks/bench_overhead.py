@@ -119,10 +119,9 @@ def refusal_shim(calls: int, repeat: int) -> tuple[float, float, float] | None:
         own._set_refuse_direct_collectives(True)
         own._set_refuse_direct_collectives(False)
     pair = (time.perf_counter() - start) / calls
-    guards = [(cls, name, cls.__dict__[name], guarded) for cls, name, guarded in shim._guards]
 
     def put(guarded: bool) -> None:
-        for cls, name, original, guard in guards:
+        for cls, name, original, guard in shim._guards:
             setattr(cls, name, guard if guarded else original)
 
     t = torch.zeros(1)
@@ -132,6 +131,8 @@ def refusal_shim(calls: int, repeat: int) -> tuple[float, float, float] | None:
         for _ in range(calls):
             dist.all_reduce(t)
 
+    # The pairs above made this thread one that refused, so the guarded
+    # methods do not put torch's back when it calls them (see the shim).
     installed = shim._installed
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:

@@ -14,20 +14,27 @@ in ``torch._C._distributed_c10d``:
 A wheel's bindings cannot receive that edit, so ``scripts/overlay install``
 installs this file as ``torch/_direct_collective_refusal_shim.py`` and
 appends one import line to the wheel's ``torch/__init__.py``. Loading it
-attaches the two functions. The first time a thread refuses, each collective
-method is replaced, for the life of the process, by a function that checks
-the calling thread's flag and calls the original. Until then (in a process
-that never runs ``parallel_map``) every thread runs torch's own methods.
-Replacing them once, rather than while some thread refuses, keeps setting
-the flag as cheap as the patch's: a worker clears and sets it around each
-call it issues, and putting ~50 class attributes back and forth on every
-issue would cost more than the issue itself. The price is a Python call in
-front of each direct method call once a ``parallel_map`` has run, where the
-patch's check is one C++ branch. Other differences from the patch: a method
-looked up before the first thread refused (``f = pg.allreduce``) is not
-checked, and ``METHODS`` also lists the five ``*_single`` methods of torch
-2.13, which the patch does not reach yet. Nothing in the series imports
-this module.
+attaches the two functions. When a thread refuses while torch's own methods
+are in place, each collective method is replaced by a function that checks
+the calling thread's flag and calls the original. Torch's own come back when
+no thread refuses and a thread that never refused (the one that called
+``parallel_map``, after it returned) calls one of the methods. So a process
+that never runs ``parallel_map`` runs torch's methods, so does the caller
+once its calls have returned, and setting a flag, which a worker does twice
+around each call it issues, replaces nothing while other threads refuse or
+the issuing worker itself makes the call. (Putting them back as soon as no
+thread refused, an earlier form of this shim, put ~50 class attributes back
+and forth on every issue of a lone worker's calls: more than the issue
+itself costs.) Setting a flag is still a Python call that takes a lock, to
+keep the count of refusing threads (issues are one at a time, so the lock
+is not contended), where the patch's is a C++ ``thread_local`` write; while
+the methods are replaced, each direct call passes a Python check, where the
+patch's is one C++ branch. Other differences from the patch: a method looked
+up before the first thread refused (``f = pg.allreduce``) is not checked; a
+thread that ends with its flag set stays in the count and keeps the methods
+replaced; and ``METHODS`` also lists the five ``*_single`` methods of torch
+2.13, which the patch does not reach yet. Nothing in the series imports this
+module.
 """
 
 from __future__ import annotations
@@ -61,46 +68,54 @@ METHODS = (
 
 
 class _Flag(threading.local):
-    refuse = False
+    refuse = False  # this thread refuses direct calls
+    refused = False  # it has refused at some time
 
 
 _flag = _Flag()
-_lock = threading.Lock()
-_refusing = 0  # threads whose flag is set (for tests: workers clear theirs)
+_lock = threading.Lock()  # guards _refusing and _installed, and the swaps
+_refusing = 0  # threads whose flag is set (tests read it: workers clear theirs)
 _installed = False
-# (class, name, guarded), filled by _attach
-_guards: list[tuple[type, str, Callable[..., Any]]] = []
+# (class, name, original, guarded), filled by _attach
+_guards: list[tuple[type, str, Callable[..., Any], Callable[..., Any]]] = []
 
 
 def _set_refuse_direct_collectives(refuse: bool) -> None:
-    global _refusing
+    global _refusing, _installed
     refuse = bool(refuse)
     if _flag.refuse == refuse:
         return
-    if refuse and not _installed:
-        _install_guards()  # before the flag is set: no call slips through
     with _lock:
+        if refuse:
+            _flag.refused = True
+            if not _installed:  # before the flag is set: no call slips through
+                for cls, name, _, guarded in _guards:
+                    setattr(cls, name, guarded)
+                _installed = True
         _refusing += 1 if refuse else -1
-    _flag.refuse = refuse
+        _flag.refuse = refuse
 
 
 def _refuses_direct_collectives() -> bool:
     return _flag.refuse
 
 
-def _install_guards() -> None:
+def _put_back() -> None:
+    """Torch's own methods again, unless a thread refuses meanwhile."""
     global _installed
     with _lock:
-        if not _installed:
-            for cls, name, guarded in _guards:
-                setattr(cls, name, guarded)
-            _installed = True
+        if _installed and not _refusing:
+            for cls, name, original, _ in _guards:
+                setattr(cls, name, original)
+            _installed = False
 
 
 def _guarded(original: Callable[..., Any]) -> Callable[..., Any]:
     def method(self: Any, /, *args: Any, **kwargs: Any) -> Any:
         if _flag.refuse:
             raise RuntimeError(MESSAGE)
+        if not _refusing and not _flag.refused:
+            _put_back()
         return original(self, *args, **kwargs)
 
     method.__name__ = method.__qualname__ = original.__name__
@@ -118,7 +133,7 @@ def _attach() -> None:
         for name in METHODS:
             if name in cls.__dict__:
                 original = cls.__dict__[name]
-                _guards.append((cls, name, _guarded(original)))
+                _guards.append((cls, name, original, _guarded(original)))
 
 
 _attach()
