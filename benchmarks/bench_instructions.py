@@ -17,8 +17,9 @@ both sides import the same modules (``torch._dynamo``, which
 ``torch.distributed.threading`` imports); the overlay is uninstalled for
 "pristine" and installed, with ``torch.distributed.threading`` imported, for
 "overlay". Cases: ``all_reduce``: ``dist.all_reduce`` (the hook line of the
-entry points); ``after_map``: the same once a ``parallel_map`` has run (the
-overlay's shim of the C++ refusal then checks each direct method call);
+entry points); ``after_map``: the same once a ``parallel_map`` has run and
+its pooled threads have exited (the overlay's shim of the C++ refusal must
+have put torch's methods back);
 ``op``: a functional all_reduce op and its ``wait_tensor``, what compiled
 graphs call; ``eager`` / ``inductor``: a function compiled
 with that backend, with ``dist.all_reduce`` inside.

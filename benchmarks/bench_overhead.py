@@ -11,9 +11,10 @@
   after an issue, timed directly on the default group.
 * The overlay's shim of the C++ refusal (shims/direct_collective_refusal.py):
   a worker sets and clears its thread's flag around each call it issues
-  (what one pair costs), and once a parallel_map has run, each direct method
-  call passes the shim's guard: a plain all_reduce loop with torch's methods
-  and with the guarded ones, in one process, interleaved.
+  (what one pair costs), and while the shim's guards are in place (inside
+  parallel_map), each direct method call passes one: a plain all_reduce loop
+  with torch's methods and with the guarded ones, in one process,
+  interleaved.
 * Inactive hook: a plain all_reduce loop with the overlay installed and
   uninstalled, in fresh processes, interleaved. This re-installs the overlay
   into the running interpreter's torch around each run (scripts/overlay).

@@ -30,7 +30,8 @@ keep the count of refusing threads (issues are one at a time, so the lock
 is not contended), where the patch's is a C++ ``thread_local`` write; while
 the methods are replaced, each direct call passes a Python check, where the
 patch's is one C++ branch. Other differences from the patch: a method looked
-up before the first thread refused (``f = pg.allreduce``) is not checked; a
+up while torch's own are in place (``f = pg.allreduce`` before a
+``parallel_map`` call) and called on a refusing thread is not checked; a
 thread that ends with its flag set stays in the count and keeps the methods
 replaced; and ``METHODS`` also lists the five ``*_single`` methods of torch
 2.13, which the patch does not reach yet. Nothing in the series imports this
@@ -105,9 +106,11 @@ def _put_back() -> None:
     global _installed
     with _lock:
         if _installed and not _refusing:
+            # First: an interrupt in the loop (the caller's thread gets Ctrl-C)
+            # must leave the next refusal to install every guard again.
+            _installed = False
             for cls, name, original, _ in _guards:
                 setattr(cls, name, original)
-            _installed = False
 
 
 def _guarded(original: Callable[..., Any]) -> Callable[..., Any]:

@@ -32,10 +32,25 @@ kept = {(cls, name): original for cls, name, original, _ in shim._guards}
 assert kept == originals, "the shim keeps other originals"
 
 def in_thread(fn):
-    thread = threading.Thread(target=fn)
+    errors = []
+    def run():
+        try:
+            fn()
+        except BaseException as error:
+            errors.append(error)
+    thread = threading.Thread(target=run)
     thread.start()
     thread.join(timeout=60)
     assert not thread.is_alive()
+    if errors:
+        raise errors[0]
+
+def refused():
+    try:
+        dist.all_reduce(t)
+    except RuntimeError as error:
+        return "refuses collectives called directly" in str(error)
+    return False
 
 class Refusing:
     # Another thread that refuses until closed.
@@ -61,12 +76,7 @@ assert guarded() == set(originals), "not every method guarded"
 own._set_refuse_direct_collectives(True)
 own._set_refuse_direct_collectives(True)  # again: no second count
 assert shim._refusing == 2, shim._refusing
-try:
-    dist.all_reduce(t)
-except RuntimeError as error:
-    assert "refuses collectives called directly" in str(error), error
-else:
-    raise AssertionError("a refusing thread's call went through")
+assert refused(), "a refusing thread's call went through"
 own._set_refuse_direct_collectives(False)
 in_thread(lambda: dist.all_reduce(t))  # another thread refuses: nothing put back
 assert guarded() == set(originals), "put back while a thread refuses"
@@ -79,9 +89,33 @@ assert guarded() == set(originals), "put back by a thread that refused"
 # A thread that never refused (the caller, after parallel_map) puts torch's back.
 in_thread(lambda: dist.all_reduce(t))
 assert guarded() == set(), "not put back"
-assert t.item() == 1.0
 own._set_refuse_direct_collectives(True)  # guarded again
 assert guarded() == set(originals)
+assert refused(), "a refusing thread's call went through after the put-back"
+own._set_refuse_direct_collectives(False)
+
+# A Ctrl-C halfway through a put-back: the next refusal guards every method.
+ORIGINAL = object()
+
+class Trap(type):
+    def __setattr__(cls, name, value):
+        if value is ORIGINAL:
+            raise KeyboardInterrupt
+        super().__setattr__(name, value)
+
+trap = (Trap("Trapped", (), {}), "method", ORIGINAL, lambda: None)
+shim._guards.insert(len(shim._guards) // 2, trap)
+try:
+    in_thread(lambda: dist.all_reduce(t))
+except KeyboardInterrupt:
+    pass
+else:
+    raise AssertionError("the put-back was not interrupted")
+shim._guards.remove(trap)
+assert set() < guarded() < set(originals), "not a half-done put-back"
+own._set_refuse_direct_collectives(True)
+assert guarded() == set(originals), "a half-done put-back left methods unguarded"
+assert refused(), "a refusing thread's call went through after a half-done put-back"
 own._set_refuse_direct_collectives(False)
 dist.destroy_process_group()
 print("ok")
