@@ -10,7 +10,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 _TOY = """
+import atexit
 import os
+import time
 import torch
 import torch.distributed as dist
 from torch.testing._internal.common_distributed import MultiProcessTestCase
@@ -47,7 +49,7 @@ class Toy(MultiProcessTestCase):
         self._all_reduce()
         dist.barrier()
         if self._rank0_first_time("exit"):
-            os.abort()
+            atexit.register(os.abort)  # after the test passed on every rank
 
     def test_abort_mid_test_once(self):
         self._init()
@@ -59,6 +61,13 @@ class Toy(MultiProcessTestCase):
         self._all_reduce()
         if self.rank == 0:
             os.abort()
+
+    def test_abort_while_the_other_rank_fails(self):
+        self._init()
+        if self.rank == 0:
+            os.abort()
+        time.sleep(2)  # rank 0's report comes first
+        self.fail("a real failure")
 
     def test_fail_once_without_a_signal(self):
         self._all_reduce()
@@ -78,14 +87,18 @@ def test_only_a_death_by_signal_runs_a_test_again(tmp_path: Path) -> None:
     )
     runs: dict[str, list[str]] = {}
     for case in ET.parse(tmp_path / "junit.xml").getroot().iter("testcase"):
-        outcome = "failed" if {c.tag for c in case} & {"failure", "error"} else "passed"
+        tags = {child.tag for child in case}
+        outcome = "failed" if tags & {"failure", "error"} else "skipped" if tags else "passed"
         runs.setdefault(case.get("name", ""), []).append(outcome)
     assert runs == {
         # The first run's record is the rerun's (pytest-rerunfailures leaves it empty).
         "test_abort_at_exit_once": ["passed", "passed"],
         "test_abort_mid_test_once": ["passed", "passed"],
         "test_abort_every_time": ["passed", "failed"],
+        # Not a fluke: the other rank failed of something else than its lost peer.
+        "test_abort_while_the_other_rank_fails": ["failed"],
         "test_fail_once_without_a_signal": ["failed"],
     }, f"{runs}\n{proc.stdout[-3000:]}"
     assert "run again: a rank died of a fatal signal" in proc.stdout
     assert "RERUN test_toy.py::Toy::test_abort_every_time (SIGABRT(6), PID: " in proc.stdout
+    assert "the first run's stderr there:" in proc.stdout
