@@ -683,6 +683,9 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
         ):
             parallel_map(item, range(8), max_workers=max_workers)
         self._assert_same_on_every_rank((str(caught.exception), issued))
+        # No item entered a slot after the failure: at most the failing
+        # item's slot-mates (the max_workers - 1 items after it) issued.
+        self.assertLess(max(i for i, _, _ in issued), failing + max_workers)
         # The process group is still in step: a later collective matches.
         t = _full(self.rank + failing)
         dist.all_reduce(t)
@@ -2003,7 +2006,7 @@ class ProfilerSpansTest(_ParallelMapTestBase):
 
 
 class ItemFailureTest(TestCase):
-    def test_the_lowest_failed_item_is_raised_with_the_others_as_notes(self):
+    def _fail_items_1_and_3(self):
         def item(i):
             if i in (1, 3):
                 raise ValueError(f"item {i} failed")
@@ -2011,7 +2014,13 @@ class ItemFailureTest(TestCase):
 
         with self.assertRaisesRegex(ValueError, "item 1 failed") as caught:
             parallel_map(item, range(6), max_workers=4)
-        notes = getattr(caught.exception, "__notes__", [])
+        return caught.exception
+
+    def test_the_lowest_failed_item_is_raised(self):
+        self._fail_items_1_and_3()
+
+    def test_the_other_failures_are_attached_as_notes(self):
+        notes = getattr(self._fail_items_1_and_3(), "__notes__", [])
         self.assertEqual(
             notes, ["parallel_map: item 3 also failed: ValueError: item 3 failed"]
         )
@@ -2092,6 +2101,17 @@ class IntraOpThreadsTest(TestCase):
             self._seen_by_items(intra_op_threads=value)
 
 
+class ImportWithoutForkTest(TestCase):
+    def test_imports_where_os_has_no_fork(self):
+        # Windows has no os.register_at_fork; the package must import there too.
+        probe = (
+            "import os, torch\n"
+            "del os.register_at_fork\n"
+            "import torch.distributed.threading\n"
+        )
+        subprocess.run([sys.executable, "-c", probe], check=True)
+
+
 class PublicApiTest(TestCase):
     """The rules test_public_bindings.py enforces, for this package."""
 
@@ -2121,15 +2141,6 @@ class PublicApiTest(TestCase):
             self.assertLessEqual(
                 set(getattr(sub, "__all__", [])), set(module.__all__), info.name
             )
-
-    def test_imports_where_os_has_no_fork(self):
-        # Windows has no os.register_at_fork; the package must import there too.
-        probe = (
-            "import os, torch\n"
-            "del os.register_at_fork\n"
-            "import torch.distributed.threading\n"
-        )
-        subprocess.run([sys.executable, "-c", probe], check=True)
 
     def test_import_has_no_side_effects(self):
         probe = (
