@@ -15,6 +15,10 @@
   parallel_map), each direct method call passes one: a plain all_reduce loop
   with torch's methods and with the guarded ones, in one process,
   interleaved.
+* The functional ops' hook (torch/_ops.py): the ``all_reduce`` op as the
+  edit creates it (whose ``__call__`` checks the thread's op hook) and as a
+  plain ``OpOverload`` of the same op, on a thread without a hook, in one
+  process, interleaved; each call is the op and its ``wait_tensor``.
 * Inactive hook: a plain all_reduce loop with the overlay installed and
   uninstalled, in fresh processes, interleaved. This re-installs the overlay
   into the running interpreter's torch around each run (scripts/overlay).
@@ -145,6 +149,34 @@ def refusal_shim(calls: int, repeat: int) -> tuple[float, float, float] | None:
     return pair, medians[False] / calls, medians[True] / calls
 
 
+def functional_op_hook(calls: int, repeat: int) -> tuple[float, float] | None:
+    """Seconds per all_reduce op (and its wait) through the collective op's
+    own ``__call__`` and through ``OpOverload``'s; None without the hook."""
+    op = torch.ops._c10d_functional.all_reduce.default
+    if type(op) is torch._ops.OpOverload:  # a torch without the edit
+        return None
+    wait = torch.ops._c10d_functional.wait_tensor.default
+    # The same op as upstream torch creates it: a plain OpOverload.
+    base = torch._ops.OpOverload(op._overloadpacket, op._op, op._op_dk, op._schema, op._tags)
+    t = torch.ones(1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    name = dist.group.WORLD.group_name
+
+    def hooked() -> None:
+        for _ in range(calls):
+            wait(op(t, "sum", name))
+
+    def plain() -> None:
+        for _ in range(calls):
+            wait(base(t, "sum", name))
+
+    try:
+        medians = interleaved_medians({"plain": plain, "hooked": hooked}, repeat)
+    finally:
+        dist.destroy_process_group()
+    return medians["plain"] / calls, medians["hooked"] / calls
+
+
 def _overlay(command: str) -> None:
     subprocess.run([sys.executable, str(REPO / "scripts/overlay"), command,
                     "--python", sys.executable], check=True, capture_output=True)
@@ -196,6 +228,13 @@ def main() -> None:
               f"all_reduce, interleaved, median of {args.repeat}:")
         table(["methods", "us per all_reduce", "ratio"],
               [["torch's", plain * 1e6, 1.0], ["guarded", guarded * 1e6, guarded / plain]])
+    if (ops := functional_op_hook(args.calls, args.repeat)) is not None:
+        plain, hooked = ops
+        print(f"\nthe functional ops' hook, no hook set: all_reduce op + wait_tensor, "
+              f"interleaved, median of {args.repeat}:")
+        table(["op object", "us per op", "ratio"],
+              [["plain OpOverload", plain * 1e6, 1.0],
+               ["_CollectiveOpOverload", hooked * 1e6, hooked / plain]])
     if args.smoke:
         return  # the inactive-hook run re-installs the overlay: not in CI
     start = time.perf_counter()

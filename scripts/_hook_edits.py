@@ -27,6 +27,15 @@ before the hook). The edits are generated from each release's own source
 (its parameters, overloads and helper names differ between releases) rather
 than kept as hand-made diffs. ``scripts/series export`` writes the result as
 ``patches/edits/<X.Y>/*.diff``.
+
+Compiled code and the backward of functional collectives call the functional
+collective ops (``torch.ops._c10d_functional.*``) without passing any Python
+entry point. ``torch/_ops.py`` gets the op-level counterpart of the hook: the
+``OpOverload`` and ``OpOverloadPacket`` objects of a fixed set of collective
+ops are made of two small subclasses whose ``__call__`` consults a per-thread
+``_collective_op_hook``; every other op is the object it was. Inductor's
+``_CollectiveKernel`` asserted the exact type ``OpOverload``, and accepts a
+subclass instead (``torch/_inductor/ir.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ FUNCOL = "torch/distributed/_functional_collectives.py"
 UTILS = "torch/distributed/utils.py"
 DDP = "torch/nn/parallel/distributed.py"
 STATE_DICT_UTILS = "torch/distributed/_state_dict_utils.py"
+OPS = "torch/_ops.py"
+INDUCTOR_IR = "torch/_inductor/ir.py"
 
 # Each edited file's steps, in the order they are applied.
 STEPS: dict[str, tuple[str, ...]] = {
@@ -47,6 +58,8 @@ STEPS: dict[str, tuple[str, ...]] = {
     UTILS: ("hook",),
     DDP: ("reroute",),
     STATE_DICT_UTILS: ("reroute",),
+    OPS: ("collective_ops",),
+    INDUCTOR_IR: ("collective_ops",),
 }
 
 # Entry points, by the name the current release uses. A name in ALIASES is
@@ -107,6 +120,133 @@ class _CollectiveHook(threading.local):
 
 
 _collective_hook = _CollectiveHook()'''
+
+
+# The ops that issue a collective or a point-to-point transfer.
+COLLECTIVE_OPS = (
+    "_c10d_functional::all_gather_into_tensor",
+    "_c10d_functional::all_gather_into_tensor_coalesced",
+    "_c10d_functional::all_gather_into_tensor_out",
+    "_c10d_functional::all_reduce",
+    "_c10d_functional::all_reduce_",
+    "_c10d_functional::all_reduce_coalesced",
+    "_c10d_functional::all_reduce_coalesced_",
+    "_c10d_functional::all_to_all_single",
+    "_c10d_functional::batch_p2p_ops",
+    "_c10d_functional::broadcast",
+    "_c10d_functional::broadcast_",
+    "_c10d_functional::irecv",
+    "_c10d_functional::isend",
+    "_c10d_functional::reduce_scatter_tensor",
+    "_c10d_functional::reduce_scatter_tensor_coalesced",
+    "_c10d_functional::reduce_scatter_tensor_out",
+    "_c10d_functional_autograd::all_gather_into_tensor",
+    "_c10d_functional_autograd::all_to_all_single",
+    "_c10d_functional_autograd::reduce_scatter_tensor",
+    "_dtensor::shard_dim_alltoall",
+)
+
+_OP_HOOK_CLASSES = '''class _CollectiveOpHook(threading.local):
+    """Per-thread redirection of the ops that issue a collective.
+
+    While ``fn`` is set on a thread, calling one of ``_COLLECTIVE_OPS`` there,
+    through its ``OpOverload`` or its ``OpOverloadPacket``, calls
+    ``fn(op, args, kwargs)`` instead and returns what it returns. It is the
+    op-level counterpart of ``distributed_c10d``'s collective hook: compiled
+    code (AOTAutograd graphs, inductor's Python wrapper) and the backward of
+    functional collectives call these ops without passing a Python entry
+    point. ``torch.distributed.threading`` sets both hooks on its worker
+    threads. Every other thread sees the class default, ``None``, and every
+    other op is an ``OpOverload`` as before.
+    """
+
+    fn: Callable[[Any, tuple[Any, ...], dict[str, Any]], Any] | None = None
+
+
+_collective_op_hook = _CollectiveOpHook()
+
+# The ops that issue a collective or a point-to-point transfer. A fixed set
+# rather than whole namespaces: those also hold ops that only wait or wrap
+# (wait_tensor, _wrap_tensor_autograd), and which of them are registered
+# depends on what a process imported, which must not change what one rank
+# hands to its hook.
+_COLLECTIVE_OPS = frozenset(
+    {
+COLLECTIVE_OP_NAMES    }
+)
+
+
+class _CollectiveOpOverload(OpOverload[_P, _T]):
+    """An overload of one of ``_COLLECTIVE_OPS``: see ``_CollectiveOpHook``."""
+
+    def __call__(self, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        if (hook := _collective_op_hook.fn) is not None:
+            return hook(self, args, kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class _CollectiveOpOverloadPacket(OpOverloadPacket[_P, _T]):
+    """The packet of one of ``_COLLECTIVE_OPS``: see ``_CollectiveOpHook``."""
+
+    _overload_type = _CollectiveOpOverload
+
+    def __call__(self, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        if (hook := _collective_op_hook.fn) is not None:
+            return hook(self, args, kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+'''.replace(
+    "COLLECTIVE_OP_NAMES", "".join(f'        "{name}",\n' for name in COLLECTIVE_OPS)
+)
+
+
+def _replace_once(path: str, source: str, old: str, new: str) -> str:
+    if source.count(old) != 1:
+        raise EditError(f"{path}: {source.count(old)} times {old!r}, expected once")
+    return source.replace(old, new)
+
+
+def _hook_collective_ops(path: str, source: str) -> str:
+    """The collective ops' subclasses in ``_ops.py``; an isinstance in ``ir.py``."""
+    if path == INDUCTOR_IR:
+        for negated in ("", "not "):
+            old = f"type(self.op_overload) is {negated}torch._ops.OpOverload"
+            if old in source:
+                prefix = "not " if negated else ""
+                return _replace_once(
+                    path, source, old,
+                    f"{prefix}isinstance(self.op_overload, torch._ops.OpOverload)")
+        return source
+    source = _replace_once(path, source, "\nimport sys\n", "\nimport sys\nimport threading\n")
+    source = _replace_once(
+        path, source,
+        '    __file__: ClassVar[str] = "torch.ops"\n\n    def __init__(\n        self,\n'
+        "        qualified_op_name",
+        '    __file__: ClassVar[str] = "torch.ops"\n'
+        "    # The type of its overloads (a subclass's may differ).\n"
+        "    _overload_type: ClassVar[type[OpOverload]] = OpOverload\n\n"
+        "    def __init__(\n        self,\n        qualified_op_name",
+    )
+    source = _replace_once(
+        path, source,
+        "                OpOverload(self, op_, op_dk_, schema, tags)\n",
+        "                self._overload_type(self, op_, op_dk_, schema, tags)\n",
+    )
+    source = _replace_once(
+        path, source,
+        "        opoverloadpacket = OpOverloadPacket(\n"
+        "            qualified_op_name, op_name, op, overload_names\n"
+        "        )\n",
+        "        packet_type = (\n"
+        "            _CollectiveOpOverloadPacket\n"
+        "            if qualified_op_name in _COLLECTIVE_OPS\n"
+        "            else OpOverloadPacket\n"
+        "        )\n"
+        "        opoverloadpacket = packet_type(qualified_op_name, op_name, op, overload_names)\n",
+    )
+    anchor = "# Note - this mirrors the logic of the cpp_function defined in jit/python/init.cpp\n"
+    return _replace_once(path, source, anchor, _OP_HOOK_CLASSES + anchor)
 
 
 class EditError(Exception):
@@ -285,6 +425,8 @@ def edit(path: str, source: str, through: str | None = None) -> str:
             source = _rename_split_group(source)
         elif step == "hook":
             source = _add_hooks(path, source)
+        elif step == "collective_ops":
+            source = _hook_collective_ops(path, source)
         else:
             source = _reroute_broadcasts(path, source)
     return source
@@ -295,6 +437,15 @@ def check(path: str, edited: str) -> list[str]:
     exactly its parameters, and each entry point present must have one."""
     tree = ast.parse(edited)
     problems = []
+    if path == INDUCTOR_IR:
+        return ["asserts type(op) is OpOverload"] * ("type(self.op_overload) is" in edited)
+    if path == OPS:
+        classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+        wanted = {"_CollectiveOpHook", "_CollectiveOpOverload", "_CollectiveOpOverloadPacket"}
+        problems += [f"{path}: no class {name}" for name in sorted(wanted - classes)]
+        if "OpOverload(self, op_" in edited.replace("TorchBindOpOverload(self, op_", ""):
+            problems.append(f"{path}: a packet creates a plain OpOverload")
+        return problems
     if path in (DDP, STATE_DICT_UTILS):
         return [f"{path}:{c.lineno}: calls {_CPP_BROADCAST}" for c in _broadcast_calls(tree)]
     functions = _definitions(tree)

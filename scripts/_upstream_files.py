@@ -33,6 +33,8 @@ FILES = (
     "torch/distributed/utils.py",
     "torch/distributed/_state_dict_utils.py",
     "torch/nn/parallel/distributed.py",
+    "torch/_ops.py",
+    "torch/_inductor/ir.py",
     "torch/_C/_autograd.pyi",
     "torch/_C/_distributed_c10d.pyi",
     "torch/version.py",

@@ -8,7 +8,6 @@ random moments (see there); a hang shows as the subprocess's timeout.
 from __future__ import annotations
 
 import faulthandler
-import inspect
 import os
 import signal
 import subprocess
@@ -81,22 +80,6 @@ def test_a_second_ctrl_c_while_stopping_still_releases_every_worker(monkeypatch)
     workers = [t for t in threading.enumerate() if t.name.startswith("parallel_map-worker")]
     assert len(workers) == _pool.pool.idle_count(), "a worker outlived the call"
     assert _collective_hook.fn is None
-
-
-def test_a_ctrl_c_raised_as_the_swaps_are_entered_undoes_them():
-    # A Ctrl-C deferred while the swaps are applied is raised as their
-    # section ends, inside __enter__, so no __exit__ follows: __enter__ must
-    # undo them itself.
-    from torch.distributed.threading import _interrupts
-    from torch.distributed.threading._op_hook import HookedOps as Hooked
-
-    originals = [(owner, name, original) for owner, name, original, _ in Hooked.swaps()]
-    _interrupts._sections.deferred = (signal.default_int_handler, signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt), Hooked():
-        pass
-    assert Hooked._depth == 0
-    now = inspect.getattr_static
-    assert all(now(owner, name) is original for owner, name, original in originals)
 
 
 def test_a_lock_that_cannot_be_taken_leaves_no_section_open():

@@ -310,41 +310,55 @@ def test_every_prefix_of_the_stack_passes_upstream_format_and_lint(tmp_path):
             assert out.returncode == 0, (patch.number, patch.subject, out.stdout + out.stderr)
 
 
-def test_run_time_replacement_of_torch_attributes_is_confined_to_the_swaps():
-    # The series must not patch torch at run time; what still does (issue #21)
-    # goes through one module, _swap, used by the functional-op hook, in a
-    # patch of its own. (The refusal of direct ProcessGroup calls is a C++
-    # edit; the overlay's shim imitates it, outside the series.)
-    # Nothing else may set an attribute of an object it did not create.
-    allowed = {"_swap.py": {"setattr"}}
+def _run_time_replacements(name: str, source: str) -> list[str]:
+    """Calls of setattr and assignments to attributes of torch's own objects."""
     found = []
-    for path in sorted((REPO / "torch_overlay/torch/distributed/threading").glob("*.py")):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if (
-                isinstance(node, ast.Call)
-                and ast.unparse(node.func) in ("setattr", "object.__setattr__")
-                and "setattr" not in allowed.get(path.name, set())
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in (
+            "setattr", "object.__setattr__"
+        ):
+            found.append(f"{name}:{node.lineno}: {ast.unparse(node)}")
+        targets = getattr(node, "targets", None) or [getattr(node, "target", None)]
+        for target in targets:
+            if not isinstance(target, ast.Attribute):
+                continue
+            base = ast.unparse(target.value)
+            # Own objects (self, locals) and the hooks' thread-locals are fine.
+            if base.split(".")[0] in ("torch", "dist", "c10d", "funcol") and base not in (
+                "_collective_hook", "torch._ops._collective_op_hook"
             ):
-                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
-            targets = getattr(node, "targets", None) or [getattr(node, "target", None)]
-            for target in targets:
-                if not isinstance(target, ast.Attribute):
-                    continue
-                base = ast.unparse(target.value)
-                # Own objects (self, locals) and the hook's thread-local are fine.
-                if base.split(".")[0] in ("torch", "dist", "c10d", "funcol") and base != "_collective_hook":
-                    found.append(f"{path.name}:{node.lineno}: {ast.unparse(target)} = ...")
-    assert found == []
-    # The patches that still add a swap, by subject: shrinks as they become
-    # source edits.
+                found.append(f"{name}:{node.lineno}: {ast.unparse(target)} = ...")
+    return found
+
+
+def test_the_series_replaces_no_attribute_of_torch_at_run_time():
+    # The series must not patch torch at run time (issue #21): every
+    # interception point is an edit of torch's source. Checked in every
+    # patch's tree, so a patch cannot add a replacement that a later one
+    # removes. (The overlay's shims imitate C++ edits; they are not in the
+    # series.)
     stack = _stack.load()
-    swapping = [
-        patch.subject for patch in stack.patches
-        if any("SwappedWhileEntered" in stack.states[patch.number][path]
-               for path in patch.new_files if path.endswith(".py"))
+    found = []
+    for patch in stack.patches:
+        for path, text in stack.states[patch.number].items():
+            if (
+                text is not None
+                and path.startswith("torch/distributed/threading/")
+                and path.endswith(".py")
+            ):
+                found += [
+                    f"patch {patch.number}: {hit}"
+                    for hit in _run_time_replacements(path, text)
+                ]
+    assert found == []
+
+
+def test_the_replacement_check_finds_a_replacement():
+    source = "import torch\nsetattr(torch.ops.x, '_op', f)\ntorch._C.f = g\nself.a = 1\n"
+    assert sorted(_run_time_replacements("m.py", source)) == [
+        "m.py:2: setattr(torch.ops.x, '_op', f)",
+        "m.py:3: torch._C.f = ...",
     ]
-    assert swapping == ["[c10d] parallel_map: schedule the functional collective ops"]
 
 
 def test_a_definition_leaves_with_its_comments_and_one_gap():

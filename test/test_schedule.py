@@ -9,7 +9,6 @@ compared with ``reference_schedule`` under random delays.
 from __future__ import annotations
 
 import contextvars
-import inspect
 import logging
 import queue
 import random
@@ -690,23 +689,21 @@ def world_of_one():
         dist.destroy_process_group()
 
 
-def test_the_swaps_are_undone_when_a_call_raises():
-    # The hooked collective ops are in place only while a call runs, however
-    # it ends.
-    from torch.distributed.threading._op_hook import HookedOps
-
-    swaps = HookedOps.swaps()
-    now = inspect.getattr_static
+def test_items_have_the_op_hook_and_the_caller_not_when_a_call_raises():
+    # Workers set the functional ops' hook with the collective hook; the
+    # caller, which issues, never has it, however the call ends.
+    from torch._ops import _collective_op_hook
+    from torch.distributed.threading import _op_hook
 
     def item(i: int) -> int:
-        assert all(now(owner, name) is new for owner, name, _, new in swaps)
+        assert _collective_op_hook.fn is _op_hook.functional_op_hook
         if i == 2:
             raise ValueError("item 2 failed")
         return i
 
     with pytest.raises(ValueError, match="item 2 failed"):
         parallel_map(item, range(4), max_workers=2)
-    assert all(now(owner, name) is original for owner, name, original, _ in swaps)
+    assert _collective_op_hook.fn is None
 
 
 def test_no_worker_refuses_direct_calls_once_a_failed_call_returned():

@@ -10,7 +10,6 @@ group that the next parallel_map can use. Items sleep for random times that
 differ between ranks, so that an unscheduled collective pairs up wrongly.
 """
 
-import copy
 import datetime
 import os
 import random
@@ -23,6 +22,7 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+from torch._ops import _collective_op_hook
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.distributed_c10d import _collective_hook
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -353,32 +353,25 @@ class BypassDetectionTest(_Base):
 class OpHookTest(TestCase):
     """What torch.distributed.threading does to the functional collective ops."""
 
-    def test_only_collective_ops_are_hooked(self):
-        # Importing these registers more ops in the same namespaces: which ops
-        # are hooked must not depend on it (ranks may import differently).
-        import torch.distributed.tensor
+    def test_workers_have_the_op_hook_exactly_while_they_have_the_collective_hook(
+        self,
+    ):
+        seen = []
 
-        def hooked_ops():
-            hooked = set()
-            for qualified in torch._C._dispatch_get_all_op_names():
-                namespace, _, name = qualified.partition("::")
-                if namespace in _op_hook.COLLECTIVE_OPS:
-                    packet = getattr(getattr(torch.ops, namespace), name)
-                    for op in (
-                        packet,
-                        *(getattr(packet, o) for o in packet.overloads()),
-                    ):
-                        if isinstance(op._op, _op_hook._HookedOp):
-                            hooked.add(qualified)
-            return hooked
+        def in_a_thread():
+            seen.append(("thread", _collective_op_hook.fn))
 
-        with _op_hook.HookedOps():
-            hooked = hooked_ops()
-        self.assertEqual(hooked, set(_op_hook.collective_op_names()))
-        self.assertIn("_c10d_functional::all_reduce", hooked)
-        for name in ("wait_tensor", "_wrap_tensor_autograd"):
-            self.assertNotIn(f"_c10d_functional::{name}", hooked)
-        self.assertEqual(hooked_ops(), set())  # and none once it returned
+        def item(i):
+            seen.append(("item", _collective_op_hook.fn))
+            thread = threading.Thread(target=in_a_thread)
+            thread.start()
+            thread.join()
+            return i
+
+        self.assertEqual(parallel_map(item, range(4), max_workers=2), list(range(4)))
+        self.assertEqual(seen.count(("item", _op_hook.functional_op_hook)), 4)
+        self.assertEqual(seen.count(("thread", None)), 4)
+        self.assertIsNone(_collective_op_hook.fn)
 
     @requires_gloo()
     def test_a_functional_op_may_be_issued_for_another_item_on_torchs_backends(self):
@@ -408,29 +401,6 @@ class OpHookTest(TestCase):
         self.assertTrue(runs_torch_only(plain, "sum", dist.group.WORLD))
         self.assertFalse(runs_torch_only(plain, "sum", "no group of this name"))
         self.assertFalse(runs_torch_only(plain.as_subclass(Subclass), "sum", world))
-
-    def test_ops_untouched_outside_parallel_map(self):
-        # Outside parallel_map the ops call what they called before the import:
-        # no wrapper, no cost. The hooked ones keep what callers rely on.
-        op = torch.ops._c10d_functional.all_reduce.default
-        packet = torch.ops._c10d_functional.all_reduce
-        original, original_packet = op._op, packet._op
-        self.assertNotIsInstance(original, _op_hook._HookedOp)
-        with _op_hook.HookedOps():
-            with _op_hook.HookedOps():  # a nested call from the coordinating thread
-                pass
-            self.assertIsInstance(op._op, _op_hook._HookedOp)  # the inner exit kept it
-            self.assertIs(type(op), torch._ops.OpOverload)
-            self.assertEqual(hash(op), hash(original))
-            self.assertIs(copy.deepcopy(op._op), op._op)
-            self.assertIs(copy.copy(op._op), op._op)
-
-            def f(x: torch.Tensor, group: str) -> torch.Tensor:
-                return torch.ops._c10d_functional.all_reduce(x, "sum", group)
-
-            torch.jit.script(f)  # the packet's callable is still a TorchScript builtin
-        self.assertIs(op._op, original)
-        self.assertIs(packet._op, original_packet)
 
 
 if __name__ == "__main__":

@@ -42,10 +42,12 @@ from typing import Any, TYPE_CHECKING
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 from torch._C._distributed_c10d import _set_refuse_direct_collectives
+from torch._ops import _collective_op_hook
 from torch.distributed.distributed_c10d import _collective_hook
 
 from ._calls import call_coordinated
 from ._errors import CollectiveBypassError
+from ._op_hook import functional_op_hook
 
 
 if TYPE_CHECKING:
@@ -260,12 +262,15 @@ def make_detector(exclude: Iterable[dist.ProcessGroup]) -> BypassDetector | None
 
 
 def set_collective_hook(hook: Callable[..., Any] | None) -> None:
-    """Set this thread's collective hook, and whether it refuses direct calls.
+    """Set this thread's collective hook, its op hook, and whether it refuses direct calls.
 
-    A thread with a hook hands its collectives to the schedule, so it must not
-    reach a process group by calling a ``ProcessGroup`` or ``Backend`` method
-    directly: c10d's bindings of those methods raise on it. Whoever issues at
-    the turn clears the hook, and with it the refusal, for the issue.
+    A thread with a hook hands its collectives to the schedule, the functional
+    collective ops included (``torch._ops``' op hook, see ``_op_hook``), so it
+    must not reach a process group by calling a ``ProcessGroup`` or
+    ``Backend`` method directly: c10d's bindings of those methods raise on it.
+    Whoever issues at the turn clears the hooks, and with them the refusal,
+    for the issue.
     """
     _set_refuse_direct_collectives(hook is not None)
+    _collective_op_hook.fn = None if hook is None else functional_op_hook
     _collective_hook.fn = hook

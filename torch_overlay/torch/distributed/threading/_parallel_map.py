@@ -10,7 +10,6 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import DebugLevel, get_debug_level
 from torch.distributed.distributed_c10d import _collective_hook
 
-from . import _op_hook
 from ._bypass import make_detector
 from ._caller_state import CallerState
 from ._coordinator import Coordinator
@@ -266,7 +265,7 @@ def parallel_map(
             f"report_hang_after must be positive or None, got {report_hang_after}"
         )
 
-    # A Ctrl-C must not leave a lock held, ours or the swaps (see _interrupts).
+    # A Ctrl-C must not leave a lock held (see _interrupts).
     with deferring_interrupts():
         nested = _collective_hook.fn is not None  # we are a worker of an outer call
         # Set before anything can be interrupted: if this thread does not own the
@@ -306,10 +305,7 @@ def parallel_map(
                 detector=detector,
                 coalesce=coalesce_all_reduces,
             )
-            if nested:  # the outer call hooks the functional ops
-                return schedule.run()
-            with _op_hook.HookedOps():
-                return schedule.run()
+            return schedule.run()
         finally:
             with shielded:  # a Ctrl-C here must not leave the top level claimed
                 if outermost and _owner == me:
