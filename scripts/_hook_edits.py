@@ -217,7 +217,7 @@ def _hook_collective_ops(path: str, source: str) -> str:
                 return _replace_once(
                     path, source, old,
                     f"{prefix}isinstance(self.op_overload, torch._ops.OpOverload)")
-        return source
+        raise EditError(f"{path}: no exact-type check of OpOverload to relax")
     source = _replace_once(path, source, "\nimport sys\n", "\nimport sys\nimport threading\n")
     source = _replace_once(
         path, source,
@@ -438,7 +438,15 @@ def check(path: str, edited: str) -> list[str]:
     tree = ast.parse(edited)
     problems = []
     if path == INDUCTOR_IR:
-        return ["asserts type(op) is OpOverload"] * ("type(self.op_overload) is" in edited)
+        # The collective kernel must take the collective ops' subclass.
+        kernel = next((n for n in tree.body
+                       if isinstance(n, ast.ClassDef) and n.name == "_CollectiveKernel"), None)
+        if kernel is None:
+            return [f"{path}: no class _CollectiveKernel"]
+        code = ast.unparse(kernel)
+        if "type(self.op_overload)" in code or "isinstance(self.op_overload" not in code:
+            return [f"{path}: _CollectiveKernel does not check isinstance(op, OpOverload)"]
+        return []
     if path == OPS:
         classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
         wanted = {"_CollectiveOpHook", "_CollectiveOpOverload", "_CollectiveOpOverloadPacket"}

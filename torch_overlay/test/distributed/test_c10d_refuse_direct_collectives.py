@@ -10,32 +10,41 @@ from torch._C._distributed_c10d import (
     _set_refuse_direct_collectives,
 )
 from torch.testing._internal.common_distributed import requires_gloo
-from torch.testing._internal.common_utils import run_tests, TestCase
+from torch.testing._internal.common_utils import (
+    instantiate_parametrized_tests,
+    parametrize,
+    run_tests,
+    TestCase,
+)
 
 
 _REFUSED = "refuses collectives called directly"
 
 
-def _direct_calls(group):
-    """Collective method calls on ``group`` and on its CPU backend, one per overload kind."""
-    backend = group._get_backend(torch.device("cpu"))
-    t = torch.ones(2)
-    return {
-        "ProcessGroup.allreduce(tensors)": lambda: group.allreduce([t]),
-        "ProcessGroup.allreduce(tensor, op)": lambda: group.allreduce(
-            t, dist.ReduceOp.SUM
-        ),
-        "ProcessGroup.broadcast(tensor, root)": lambda: group.broadcast(t, 0),
-        "ProcessGroup.allgather": lambda: group.allgather([[torch.ones(2)]], [t]),
-        "ProcessGroup.allreduce_coalesced": lambda: group.allreduce_coalesced([t]),
-        "ProcessGroup.reduce(tensor, root)": lambda: group.reduce(t, 0),
-        "ProcessGroup.barrier": lambda: group.barrier(),
-        "Backend.allreduce": lambda: backend.allreduce([t]),
-        "Backend.broadcast": lambda: backend.broadcast([t]),
-    }
+# Collective method calls on a group (g) and on its CPU backend (b), one per
+# overload kind, on a tensor t.
+_DIRECT_CALLS = {
+    "pg_allreduce_tensors": lambda g, b, t: g.allreduce([t]),
+    "pg_allreduce_tensor_op": lambda g, b, t: g.allreduce(t, dist.ReduceOp.SUM),
+    "pg_broadcast_tensor_root": lambda g, b, t: g.broadcast(t, 0),
+    "pg_allgather": lambda g, b, t: g.allgather([[torch.ones(2)]], [t]),
+    "pg_allreduce_coalesced": lambda g, b, t: g.allreduce_coalesced([t]),
+    "pg_reduce_tensor_root": lambda g, b, t: g.reduce(t, 0),
+    "pg_barrier": lambda g, b, t: g.barrier(),
+    "backend_allreduce": lambda g, b, t: b.allreduce([t]),
+    "backend_broadcast": lambda g, b, t: b.broadcast([t]),
+}
+
+
+def _direct_call(group, name):
+    """The call ``name`` of ``_DIRECT_CALLS`` on ``group``."""
+    return _DIRECT_CALLS[name](
+        group, group._get_backend(torch.device("cpu")), torch.ones(2)
+    )
 
 
 @requires_gloo()
+@instantiate_parametrized_tests
 class RefuseDirectCollectivesTest(TestCase):
     def setUp(self):
         super().setUp()
@@ -52,24 +61,23 @@ class RefuseDirectCollectivesTest(TestCase):
             torch.device("cpu")
         )._get_sequence_number_for_group()
 
-    def test_refused_before_anything_is_issued(self):
+    @parametrize("name", list(_DIRECT_CALLS))
+    def test_refused_before_anything_is_issued(self, name):
         self.assertFalse(_refuses_direct_collectives())
         _set_refuse_direct_collectives(True)
         self.assertTrue(_refuses_direct_collectives())
         before = self._count()
-        for name, call in _direct_calls(self.group).items():
-            with self.subTest(name), self.assertRaisesRegex(RuntimeError, _REFUSED):
-                call()
+        with self.assertRaisesRegex(RuntimeError, _REFUSED):
+            _direct_call(self.group, name)
         self.assertEqual(self._count(), before)
 
     def test_allowed_again_once_the_flag_is_cleared(self):
         _set_refuse_direct_collectives(True)
         _set_refuse_direct_collectives(False)
         before = self._count()
-        calls = _direct_calls(self.group)
-        for call in calls.values():
-            call().wait()
-        self.assertEqual(self._count(), before + len(calls))
+        for name in _DIRECT_CALLS:
+            _direct_call(self.group, name).wait()
+        self.assertEqual(self._count(), before + len(_DIRECT_CALLS))
 
     def test_the_flag_belongs_to_the_thread_that_sets_it(self):
         seen = {}
@@ -109,9 +117,9 @@ class RefuseDirectCollectivesTest(TestCase):
         try:
             self.assertTrue(refusing.wait(timeout=60))
             before = self._count()
-            for call in _direct_calls(self.group).values():
-                call().wait()
-            self.assertEqual(self._count(), before + len(_direct_calls(self.group)))
+            for name in _DIRECT_CALLS:
+                _direct_call(self.group, name).wait()
+            self.assertEqual(self._count(), before + len(_DIRECT_CALLS))
         finally:
             release.set()
             thread.join(timeout=60)

@@ -129,7 +129,7 @@ class _ParallelMapTestBase(MultiProcessTestCase):
 
 
 class _TestsForEveryWorldSize:
-    """Mixed into the test classes of each world size."""
+    """Mixed into each world size's class, which has a stub per parametrized test."""
 
     @requires_gloo()
     def test_tensor_collectives(self):
@@ -244,8 +244,7 @@ class _TestsForEveryWorldSize:
             self.assertEqual(parallel_map(item, range(6)), expected)
             self._assert_clean()
 
-    @requires_gloo()
-    def test_data_dependent_counts_under_random_delays(self):
+    def _check_data_dependent_counts_under_random_delays(self, max_workers):
         self._init()
         ws, r = self.world_size, self.rank
         # Different on every rank, so thread timing differs between ranks.
@@ -269,23 +268,18 @@ class _TestsForEveryWorldSize:
             [float(ws * (i * 10 + k) + ws * (ws - 1) // 2) for k in range((i * 7) % 5)]
             for i in range(12)
         ]
-        # (A loop, not @parametrize: this test is inherited by the class of
-        # each world size, and instantiate_parametrized_tests cannot
-        # instantiate inherited tests.)
-        for max_workers in (1, 2, 3, 16):
-            with self.subTest(max_workers=max_workers), _recording_schedule() as issued:
-                results = parallel_map(item, range(12), max_workers=max_workers)
-            self.assertEqual(results, expected)
-            self._assert_same_on_every_rank((max_workers, issued))
-            if max_workers > 1:  # 1 runs the loop on the caller, with no schedule
-                self.assertEqual(
-                    [(i, c) for i, c, _ in issued],
-                    promised_order([len(x) for x in expected], max_workers),
-                )
+        with _recording_schedule() as issued:
+            results = parallel_map(item, range(12), max_workers=max_workers)
+        self.assertEqual(results, expected)
+        self._assert_same_on_every_rank(issued)
+        if max_workers > 1:  # 1 runs the loop on the caller, with no schedule
+            self.assertEqual(
+                [(i, c) for i, c, _ in issued],
+                promised_order([len(x) for x in expected], max_workers),
+            )
         self._assert_clean()
 
-    @requires_gloo()
-    def test_coalesced_all_reduces_under_random_delays(self):
+    def _check_coalesced_all_reduces_under_random_delays(self, max_workers):
         self._init()
         ws, r = self.world_size, self.rank
         rng = random.Random(4321 + r)
@@ -320,18 +314,17 @@ class _TestsForEveryWorldSize:
 
         group = dist.distributed_c10d._get_default_group()
         calls = sum(i % 4 + 1 for i in range(10))
-        for max_workers in (2, 3, 8):  # a loop: see the test above
-            with self.subTest(max_workers=max_workers), _recording_schedule() as issued:
-                before = group._get_sequence_number_for_group()
-                results = parallel_map(
-                    item, range(10), max_workers=max_workers, coalesce_all_reduces=True
-                )
-                collectives = group._get_sequence_number_for_group() - before
-            for i, out in enumerate(results):
-                self.assertEqual(out, [expected(i, k) for k in range(i % 4 + 1)])
-            self.assertEqual(len(issued), calls)
-            self.assertLess(collectives, calls)
-            self._assert_same_on_every_rank((issued, collectives))
+        with _recording_schedule() as issued:
+            before = group._get_sequence_number_for_group()
+            results = parallel_map(
+                item, range(10), max_workers=max_workers, coalesce_all_reduces=True
+            )
+            collectives = group._get_sequence_number_for_group() - before
+        for i, out in enumerate(results):
+            self.assertEqual(out, [expected(i, k) for k in range(i % 4 + 1)])
+        self.assertEqual(len(issued), calls)
+        self.assertLess(collectives, calls)
+        self._assert_same_on_every_rank((issued, collectives))
         self._assert_clean()
 
 
@@ -340,6 +333,16 @@ class ParallelMapTest(_TestsForEveryWorldSize, _ParallelMapTestBase):
     @property
     def world_size(self):
         return 2
+
+    @requires_gloo()
+    @parametrize("max_workers", [1, 2, 3, 16])
+    def test_data_dependent_counts_under_random_delays(self, max_workers):
+        self._check_data_dependent_counts_under_random_delays(max_workers)
+
+    @requires_gloo()
+    @parametrize("max_workers", [2, 3, 8])
+    def test_coalesced_all_reduces_under_random_delays(self, max_workers):
+        self._check_coalesced_all_reduces_under_random_delays(max_workers)
 
     @requires_gloo()
     def test_point_to_point(self):
@@ -1256,6 +1259,14 @@ class ParallelMapWorld4Test(_TestsForEveryWorldSize, _ParallelMapTestBase):
     @property
     def world_size(self):
         return 4
+
+    @requires_gloo()
+    def test_data_dependent_counts_under_random_delays(self):  # 4 ranks: one value
+        self._check_data_dependent_counts_under_random_delays(max_workers=3)
+
+    @requires_gloo()
+    def test_coalesced_all_reduces_under_random_delays(self):
+        self._check_coalesced_all_reduces_under_random_delays(max_workers=3)
 
 
 class _OneRankTestCase(TestCase):

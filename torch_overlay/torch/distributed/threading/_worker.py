@@ -81,10 +81,12 @@ def _tracing() -> bool:
 def worker_hook(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
     """The collective hook of every worker thread.
 
-    A call made while tracing (a DTensor redistribution that AOTAutograd
-    traces, say) is recorded in the graph, not handed over: the graph's
-    functional collective op is handed over when the graph runs (see
-    ``_op_hook``). Dynamo itself never calls the hook.
+    A call made while tracing is recorded in the graph, not handed over: a
+    DTensor redistribution that AOTAutograd traces, say, or a functional
+    collective op that Dynamo runs on fake tensors to propagate shapes (Dynamo
+    never calls the entry points' hook, but the ops' hook is in the op). The
+    graph's functional collective op is handed over when the graph runs (see
+    ``_op_hook``).
     """
     worker = _this_worker.worker
     if worker is None:
