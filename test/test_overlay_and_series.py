@@ -310,35 +310,61 @@ def test_every_prefix_of_the_stack_passes_upstream_format_and_lint(tmp_path):
             assert out.returncode == 0, (patch.number, patch.subject, out.stdout + out.stderr)
 
 
-# Names whose attributes the package may set: its own objects (the hooks'
-# thread-locals, its worker and turn records, the items' exceptions, the
-# wrapper coordinated() returns, the classes its __init__ exports).
+# Names whose attributes the package may set: its own objects (its worker
+# and turn records, the items' exceptions, the wrapper coordinated() returns,
+# the classes its __init__ exports) ...
 _OWN_OBJECTS = frozenset({
-    "self", "cls", "_collective_hook", "_collective_op_hook", "_this_worker", "_sections",
-    "sections", "box", "call", "outer", "error", "opaque", "globals()[_name]",
+    "self", "_this_worker", "_sections", "sections", "box", "call", "outer", "error",
+    "opaque", "globals()[_name]",
 })
+# ... and the one attribute of torch's hooks that is their interface.
+_HOOKS = frozenset({"_collective_hook", "_collective_op_hook"})
+
+
+def _assigned(target: ast.expr) -> list[ast.expr]:
+    """The targets an assignment writes, tuples and starred ones unpacked."""
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return [t for element in target.elts for t in _assigned(element)]
+    if isinstance(target, ast.Starred):
+        return _assigned(target.value)
+    return [target]
 
 
 def _run_time_replacements(name: str, source: str) -> list[str]:
     """What could replace an attribute of an object the code did not create:
-    setattr and delattr, writes into a __dict__, unittest.mock, and
-    assignments to attributes of anything but ``_OWN_OBJECTS``."""
+    setattr and delattr, writes into a __dict__ or vars(), mock, and
+    assignments to attributes of anything but ``_OWN_OBJECTS`` (and ``fn``
+    of ``_HOOKS``)."""
     found = []
     for node in ast.walk(ast.parse(source)):
         where = f"{name}:{getattr(node, 'lineno', 0)}: "
-        if isinstance(node, ast.Call) and ast.unparse(node.func) in (
-            "setattr", "delattr", "object.__setattr__"
+        if isinstance(node, ast.Call) and ast.unparse(node.func).endswith(
+            ("setattr", "delattr", "__setattr__", "__delattr__")
         ):
             found.append(where + ast.unparse(node))
-        if isinstance(node, (ast.Import, ast.ImportFrom)) and "mock" in ast.unparse(node):
+        if (isinstance(node, ast.Name) and node.id == "mock") or (
+            isinstance(node, ast.Attribute) and node.attr == "mock"
+        ) or (isinstance(node, ast.ImportFrom) and "mock" in ast.unparse(node)):
             found.append(where + ast.unparse(node))
-        targets = getattr(node, "targets", None) or [getattr(node, "target", None)]
-        for target in targets:
-            if isinstance(target, ast.Subscript) and "__dict__" in ast.unparse(target.value):
-                found.append(where + f"{ast.unparse(target)} = ...")
-            if isinstance(target, ast.Attribute) and ast.unparse(target.value) not in _OWN_OBJECTS:
-                found.append(where + f"{ast.unparse(target)} = ...")
-    return found
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            raw = node.targets if isinstance(node, ast.Assign) else [node.target]
+        elif isinstance(node, (ast.For, ast.AsyncFor, ast.comprehension)):
+            raw = [node.target]
+        elif isinstance(node, ast.withitem) and node.optional_vars is not None:
+            raw = [node.optional_vars]
+        else:
+            continue
+        for target in (t for r in raw for t in _assigned(r)):
+            if isinstance(target, ast.Subscript):
+                base = ast.unparse(target.value)
+                if "__dict__" in base or base.startswith("vars("):
+                    found.append(where + f"{ast.unparse(target)} = ...")
+            if isinstance(target, ast.Attribute):
+                base = ast.unparse(target.value)
+                hook = base in _HOOKS and target.attr == "fn"
+                if base not in _OWN_OBJECTS and not hook:
+                    found.append(where + f"{ast.unparse(target)} = ...")
+    return sorted(set(found))
 
 
 def test_the_series_replaces_no_attribute_of_torch_at_run_time():
@@ -366,17 +392,26 @@ def test_the_series_replaces_no_attribute_of_torch_at_run_time():
 
 def test_the_replacement_check_finds_a_replacement():
     source = (
-        "import torch\nfrom unittest import mock\n"
+        "import torch, unittest\nfrom unittest import mock\n"
         "setattr(torch.ops.x, '_op', f)\ntorch._C.f = g\n"
         "op = torch.ops.x.default\nop._op = f\ntype(op).__dict__['a'] = 1\n"
+        "delattr(op, '_op')\nunittest.mock.patch.object(op, '_op', f).start()\n"
+        "a.x, (b.y, *c.z) = 1, (2, 3)\nvars(op)['_op'] = f\n_collective_hook.other = 1\n"
         "self.a = 1\n_collective_hook.fn = h\n"
     )
-    assert sorted(_run_time_replacements("m.py", source)) == [
+    assert _run_time_replacements("m.py", source) == [
+        "m.py:10: a.x = ...",
+        "m.py:10: b.y = ...",
+        "m.py:10: c.z = ...",
+        "m.py:11: vars(op)['_op'] = ...",
+        "m.py:12: _collective_hook.other = ...",
         "m.py:2: from unittest import mock",
         "m.py:3: setattr(torch.ops.x, '_op', f)",
         "m.py:4: torch._C.f = ...",
         "m.py:6: op._op = ...",
         "m.py:7: type(op).__dict__['a'] = ...",
+        "m.py:8: delattr(op, '_op')",
+        "m.py:9: unittest.mock",
     ]
 
 

@@ -37,10 +37,9 @@ _DIRECT_CALLS = {
 
 
 def _direct_call(group, name):
-    """The call ``name`` of ``_DIRECT_CALLS`` on ``group``."""
-    return _DIRECT_CALLS[name](
-        group, group._get_backend(torch.device("cpu")), torch.ones(2)
-    )
+    """The call ``name`` of ``_DIRECT_CALLS`` on ``group``, to be made."""
+    backend, t = group._get_backend(torch.device("cpu")), torch.ones(2)
+    return lambda: _DIRECT_CALLS[name](group, backend, t)
 
 
 @requires_gloo()
@@ -67,8 +66,9 @@ class RefuseDirectCollectivesTest(TestCase):
         _set_refuse_direct_collectives(True)
         self.assertTrue(_refuses_direct_collectives())
         before = self._count()
+        call = _direct_call(self.group, name)
         with self.assertRaisesRegex(RuntimeError, _REFUSED):
-            _direct_call(self.group, name)
+            call()
         self.assertEqual(self._count(), before)
 
     def test_allowed_again_once_the_flag_is_cleared(self):
@@ -76,7 +76,7 @@ class RefuseDirectCollectivesTest(TestCase):
         _set_refuse_direct_collectives(False)
         before = self._count()
         for name in _DIRECT_CALLS:
-            _direct_call(self.group, name).wait()
+            _direct_call(self.group, name)().wait()
         self.assertEqual(self._count(), before + len(_DIRECT_CALLS))
 
     def test_the_flag_belongs_to_the_thread_that_sets_it(self):
@@ -118,7 +118,7 @@ class RefuseDirectCollectivesTest(TestCase):
             self.assertTrue(refusing.wait(timeout=60))
             before = self._count()
             for name in _DIRECT_CALLS:
-                _direct_call(self.group, name).wait()
+                _direct_call(self.group, name)().wait()
             self.assertEqual(self._count(), before + len(_DIRECT_CALLS))
         finally:
             release.set()

@@ -129,7 +129,8 @@ class _ParallelMapTestBase(MultiProcessTestCase):
 
 
 class _TestsForEveryWorldSize:
-    """Mixed into each world size's class, which has a stub per parametrized test."""
+    """Mixed into each world size's class. A test with a parameter is a ``_check_``
+    method here and a stub there: all values at 2 ranks, one at 4 (slow to start)."""
 
     @requires_gloo()
     def test_tensor_collectives(self):
@@ -1261,7 +1262,7 @@ class ParallelMapWorld4Test(_TestsForEveryWorldSize, _ParallelMapTestBase):
         return 4
 
     @requires_gloo()
-    def test_data_dependent_counts_under_random_delays(self):  # 4 ranks: one value
+    def test_data_dependent_counts_under_random_delays(self):
         self._check_data_dependent_counts_under_random_delays(max_workers=3)
 
     @requires_gloo()
