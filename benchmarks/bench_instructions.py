@@ -1,7 +1,7 @@
 """Benchmark: what a call costs, counted in instructions.
 
     python bench_instructions.py [--what all_reduce op eager inductor own served]
-                                 [--calls 200] [--smoke]
+                                 [--calls 2000] [--backend gloo|fake] [--smoke]
 
 Wall times of a call that takes tens of microseconds cannot show a cost of a
 few tenths of a microsecond on a shared 2-core machine, so this counts
@@ -10,7 +10,11 @@ runs. Each case runs in a fresh process under callgrind with instrumentation
 switched on (``callgrind_control -i on``) only around ``--calls`` calls, after
 50 warm-up calls, with garbage collection off in between, once with zero
 calls and once with ``--calls``: the difference divided by ``--calls`` is the
-cost of one call, in every thread. gloo, world size 1.
+cost of one call, in every thread. The two processes also differ by up to a
+few million instructions that are not the calls' (where callgrind switches
+threads), hence the default of 2,000 calls. World size 1, gloo, or with
+``--backend fake`` torch's fake backend, whose collectives complete at
+issue: no gloo thread runs, so what is counted is the calls' own path.
 
 Outside parallel_map (the cost of the change to code that does not use it):
 both sides import the same modules (``torch._dynamo``, which
@@ -48,12 +52,16 @@ REPO = Path(__file__).resolve().parent.parent
 _RUN = """
 import gc, os, subprocess, sys, time, torch, torch.distributed as dist
 what, calls = sys.argv[1], int(sys.argv[2])
-hooked, counting = sys.argv[3] == "1", sys.argv[4] == "1"
+hooked, counting, backend = sys.argv[3] == "1", sys.argv[4] == "1", sys.argv[5]
 import torch._dynamo  # noqa: F401  (imported on both sides)
 if hooked:
     import torch.distributed.threading  # noqa: F401
 torch.set_num_threads(1)
-dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+if backend == "fake":
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=1)
+else:
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 x = torch.ones(4)
 if what in ("all_reduce", "after_map"):
     fn = lambda: dist.all_reduce(x)
@@ -116,11 +124,11 @@ def _overlay(command: str) -> None:
                     "--python", sys.executable], check=True, capture_output=True)
 
 
-def _collected(what: str, calls: int, hooked: bool, scratch: Path) -> int:
+def _collected(what: str, calls: int, hooked: bool, backend: str, scratch: Path) -> int:
     out = subprocess.run(
         ["valgrind", "--tool=callgrind", "--instr-atstart=no",
          f"--callgrind-out-file={scratch / 'callgrind.out'}",
-         sys.executable, "-c", _RUN, what, str(calls), "1" if hooked else "0", "1"],
+         sys.executable, "-c", _RUN, what, str(calls), "1" if hooked else "0", "1", backend],
         check=True, capture_output=True, text=True,
         env={**os.environ, "PYTHONHASHSEED": "0"},
     )
@@ -130,10 +138,10 @@ def _collected(what: str, calls: int, hooked: bool, scratch: Path) -> int:
     return int(match.group(1))
 
 
-def per_call(what: str, calls: int, hooked: bool) -> float:
+def per_call(what: str, calls: int, hooked: bool, backend: str = "gloo") -> float:
     with tempfile.TemporaryDirectory() as scratch:
-        base = _collected(what, 0, hooked, Path(scratch))
-        total = _collected(what, calls, hooked, Path(scratch))
+        base = _collected(what, 0, hooked, backend, Path(scratch))
+        total = _collected(what, calls, hooked, backend, Path(scratch))
     return (total - base) / calls
 
 
@@ -143,12 +151,16 @@ def main() -> None:
     parser.add_argument("--what", nargs="+",
                         default=["all_reduce", "after_map", "op", "eager", "inductor", "own",
                                  "served"])
-    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--backend", choices=["gloo", "fake"], default="gloo",
+                        help="fake: collectives complete at issue (no gloo threads)")
     parser.add_argument("--smoke", action="store_true", help="tiny, uncounted: for CI")
     args = parser.parse_args()
     if args.smoke:  # the measured script once, natively, with the overlay as installed
         for what in ("all_reduce", "op", "served"):
-            subprocess.run([sys.executable, "-c", _RUN, what, "2", "1", "0"], check=True)
+            subprocess.run([sys.executable, "-c", _RUN, what, "2", "1", "0", "gloo"],
+                           check=True)
+        subprocess.run([sys.executable, "-c", _RUN, "own", "2", "1", "0", "fake"], check=True)
         print("smoke: ok")
         return
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -157,25 +169,25 @@ def main() -> None:
     inside = [what for what in args.what if what in _INSIDE]
     try:
         if outside:
-            header(f"instructions per call outside parallel_map (callgrind, gloo world 1, "
-                   f"{args.calls} calls)")
+            header(f"instructions per call outside parallel_map (callgrind, {args.backend} "
+                   f"world 1, {args.calls} calls)")
             rows = []
             for what in outside:
                 _overlay("uninstall")
-                pristine = per_call(what, args.calls, hooked=False)
+                pristine = per_call(what, args.calls, hooked=False, backend=args.backend)
                 _overlay("install")
-                overlay = per_call(what, args.calls, hooked=True)
+                overlay = per_call(what, args.calls, hooked=True, backend=args.backend)
                 rows.append([what, round(pristine), round(overlay), round(overlay - pristine),
                              f"{100 * (overlay / pristine - 1):+.1f}%"])
             table(["call", "pristine", "overlay", "difference", "relative"], rows)
         if inside:
             _overlay("install")
-            header(f"instructions per all_reduce inside parallel_map (callgrind, gloo world 1, "
-                   f"{args.calls} calls)")
-            direct = per_call("all_reduce", args.calls, hooked=True)
+            header(f"instructions per all_reduce inside parallel_map (callgrind, "
+                   f"{args.backend} world 1, {args.calls} calls)")
+            direct = per_call("all_reduce", args.calls, hooked=True, backend=args.backend)
             rows = [["direct (calling thread)", round(direct), 0, "+0.0%"]]
             for what in inside:
-                count = per_call(what, args.calls, hooked=True)
+                count = per_call(what, args.calls, hooked=True, backend=args.backend)
                 rows.append([_INSIDE[what], round(count), round(count - direct),
                              f"{100 * (count / direct - 1):+.1f}%"])
             table(["call", "instructions", "added", "relative"], rows)

@@ -6,7 +6,16 @@
   all_reduces under parallel_map (the other slot's item has none), against
   the same N calls made directly by the calling thread, with the bypass
   detector on (the default) and off, and under the synchronous round-robin
-  baseline (_round_robin.py). gloo, world size 1.
+  baseline (_round_robin.py), and directly on a fresh thread. gloo, world
+  size 1. gloo's ``wait`` sleeps until its thread completes the work, and
+  how late this machine wakes a thread moves these numbers by more than the
+  schedule costs (benchmarks/RESULTS.md).
+* The schedule's own cost per call, without gloo's thread wake-ups: the
+  same N calls on torch's ``fake`` backend, whose collectives complete at
+  issue, so wall time is CPU time. The same calls made directly on a fresh
+  thread are the reference too: a worker is such a thread. The fake
+  backend counts no collectives, so the bypass detector reads nothing there;
+  what it reads on gloo is the next line's cost.
 * The bypass detector's own cost per issue: its check before and its read
   after an issue, timed directly on the default group.
 * The overlay's shim of the C++ refusal (shims/direct_collective_refusal.py):
@@ -31,7 +40,9 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -85,13 +96,44 @@ def added_latency(calls: int, repeat: int) -> dict[str, float]:
 
     medians = interleaved_medians(
         {"direct": loop, "intercepted": intercepted, "detector off": intercepted_detector_off,
-         "round robin": round_robin},
+         "round robin": round_robin, "thread": lambda: _on_a_thread(loop)},
         repeat=repeat,
     )
     per_call = {name: value / calls for name, value in medians.items()}
     per_call["detector per issue"] = detector_cost(calls * 10)
     dist.destroy_process_group()
     return per_call
+
+
+def _on_a_thread(fn: Callable[[], None]) -> None:
+    thread = threading.Thread(target=fn)
+    thread.start()
+    thread.join()
+
+
+def schedule_cost(calls: int, repeat: int) -> dict[str, float]:
+    """Seconds per all_reduce on the ``fake`` backend: directly on the calling
+    thread, directly on a fresh thread, and inside ``parallel_map``."""
+    from torch.distributed.threading import parallel_map
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=1)
+    t = torch.zeros(1)
+
+    def loop(_: object = None) -> None:
+        for _ in range(calls):
+            dist.all_reduce(t)
+
+    try:
+        medians = interleaved_medians(
+            {"direct": loop, "thread": lambda: _on_a_thread(loop),
+             "intercepted": lambda: parallel_map(lambda i: loop() if i == 0 else None,
+                                                 range(2), max_workers=2)},
+            repeat=repeat,
+        )
+    finally:
+        dist.destroy_process_group()
+    return {name: value / calls for name, value in medians.items()}
 
 
 def detector_cost(n: int) -> float:
@@ -201,6 +243,12 @@ def inactive_hook(calls: int, repeat: int) -> tuple[float, float]:
     return statistics.median(samples["uninstalled"]), statistics.median(samples["installed"])
 
 
+def _per_call_table(cost: dict[str, float], rows: tuple[tuple[str, str], ...]) -> None:
+    table(["case", "us/call", "added to direct", "added to a fresh thread"],
+          [[name, cost[key] * 1e6, (cost[key] - cost["direct"]) * 1e6,
+            (cost[key] - cost["thread"]) * 1e6] for name, key in rows])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,14 +260,19 @@ def main() -> None:
         args.calls, args.repeat = 20, 1
     torch.set_num_threads(1)
     cost = added_latency(args.calls, args.repeat)
-    direct = cost["direct"]
     header(f"interception overhead: gloo world 1, scalar all_reduce, {args.calls} calls, "
            f"median of {args.repeat}")
-    table(["case", "direct us/call", "intercepted us/call", "added us/call"],
-          [[f"parallel_map worker vs calling thread, {name}", direct * 1e6,
-            cost[key] * 1e6, (cost[key] - direct) * 1e6]
-           for name, key in (("detector on", "intercepted"), ("detector off", "detector off"),
-                             ("synchronous round-robin baseline", "round robin"))])
+    _per_call_table(cost, (("direct, calling thread", "direct"),
+                           ("direct, a fresh thread", "thread"),
+                           ("parallel_map worker, detector on", "intercepted"),
+                           ("parallel_map worker, detector off", "detector off"),
+                           ("synchronous round-robin baseline", "round robin")))
+    fake = schedule_cost(args.calls, args.repeat)
+    header(f"the schedule's cost: fake backend (completes at issue), world 1, scalar "
+           f"all_reduce, {args.calls} calls, median of {args.repeat}")
+    _per_call_table(fake, (("direct, calling thread", "direct"),
+                           ("direct, a fresh thread", "thread"),
+                           ("parallel_map worker", "intercepted")))
     print(f"\nbypass detector per issue (check + read, one group): "
           f"{cost['detector per issue'] * 1e9:.0f} ns")
     if (shim := refusal_shim(args.calls, args.repeat)) is not None:

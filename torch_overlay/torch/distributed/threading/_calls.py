@@ -239,7 +239,7 @@ def issue_runs_torch_only(call: Call) -> bool:
     )
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     """One call a worker hands to the schedule."""
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 __all__: list[str] = []
 
 
-@dataclass
+@dataclass(slots=True)
 class Reply:
     """To a worker: the outcome of issuing its call."""
 
@@ -32,7 +32,7 @@ class Reply:
     error: BaseException | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class ItemEnded:
     """From a worker: its item returned or raised."""
 

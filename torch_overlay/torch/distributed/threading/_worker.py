@@ -99,7 +99,7 @@ def worker_hook(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
             return fn(**kwargs)
         finally:
             set_collective_hook(worker_hook)
-    return worker.submit(fn, **kwargs)
+    return worker.submit(fn, kwargs)
 
 
 _UNSET = object()
@@ -191,7 +191,7 @@ class Worker:
             _this_worker.worker = None
             self._state.leave_worker_thread()
 
-    def submit(self, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
+    def submit(self, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
         """Hand a call to the schedule; returns (or raises) its outcome."""
         box = self.box
         if box is None:
