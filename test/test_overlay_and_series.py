@@ -371,9 +371,9 @@ def test_the_series_replaces_no_attribute_of_torch_at_run_time():
     # The series must not patch torch at run time (issue #21): every
     # interception point is an edit of torch's source. Checked in every
     # patch's tree, so a patch cannot add a replacement that a later one
-    # removes. (A syntactic check: it cannot follow an alias, so it allows
-    # attribute writes only on the package's own objects, by name.) (The overlay's shims imitate C++ edits; they are not in the
-    # series.)
+    # removes. A syntactic check: it cannot follow an alias, so it allows
+    # attribute writes only on the package's own objects, by name. The
+    # overlay's shims imitate C++ edits; they are not in the series.
     stack = _stack.load()
     found = []
     for patch in stack.patches:
