@@ -13,7 +13,8 @@ def test_benchmarks_smoke():
     out = subprocess.run([sys.executable, "run_all.py", "--smoke"], cwd=BENCHMARKS,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    for title in ("## workload", "## interception overhead", "the refusal shim:", "the functional ops' hook",
+    for title in ("## workload", "## interception overhead", "## the schedule's cost",
+                  "the refusal shim:", "the functional ops' hook",
                   "## coordinator throughput", "## round-trip overlap", "## scaling",
                   "## schedule trace"):
         assert title in out.stdout, title
